@@ -1,0 +1,76 @@
+-- ordersync schema, version 1.
+-- Applied by src/store.rs when PRAGMA user_version is 0; later versions are
+-- migrations in src/store.rs that step user_version one at a time.
+
+CREATE TABLE users (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    username      TEXT    NOT NULL UNIQUE,
+    password_hash TEXT    NOT NULL,
+    disabled      INTEGER NOT NULL DEFAULT 0,
+    disabled_at   INTEGER,                      -- epoch ms, watched by the revocation poller
+    created_at    INTEGER NOT NULL
+);
+
+-- Built-in bearer tokens. Only the SHA-256 of a token is stored.
+CREATE TABLE tokens (
+    hash         TEXT    PRIMARY KEY,           -- hex SHA-256 of the token
+    user_id      TEXT    NOT NULL,
+    label        TEXT,
+    device_id    TEXT,
+    created_at   INTEGER NOT NULL,
+    last_used_at INTEGER,
+    expires_at   INTEGER,                       -- epoch ms; NULL = never
+    revoked_at   INTEGER                        -- epoch ms; NULL = valid
+) WITHOUT ROWID;
+CREATE INDEX tokens_user ON tokens(user_id);
+CREATE INDEX tokens_revoked ON tokens(revoked_at) WHERE revoked_at IS NOT NULL;
+
+-- Ids are namespaced per user: (user_id, id) is the key. user_id is text so
+-- that external JWT subjects and built-in users (their decimal id) share one space.
+CREATE TABLE pending_orders (
+    user_id               TEXT    NOT NULL,
+    id                    TEXT    NOT NULL,
+    customer_id           TEXT    NOT NULL,
+    customer_name         TEXT    NOT NULL,
+    device_id             TEXT    NOT NULL,
+    status                TEXT    NOT NULL,
+    items                 TEXT    NOT NULL,     -- JSON array, items stored verbatim
+    discount_percent      REAL,
+    target_total_with_vat REAL,
+    shipping_cost         REAL,
+    shipping_tax          REAL,
+    no_shipping           INTEGER,
+    notes                 TEXT,
+    origin_draft_id       TEXT,
+    sub_client_codice     TEXT,
+    sub_client_name       TEXT,
+    sub_client_data       TEXT,                 -- JSON
+    delivery_address_id   TEXT,                 -- JSON scalar (string or number)
+    idempotency_key       TEXT,
+    is_locked             INTEGER NOT NULL DEFAULT 0,
+    version               INTEGER NOT NULL,
+    created_at            INTEGER NOT NULL,     -- epoch ms
+    updated_at            INTEGER NOT NULL,     -- epoch ms
+    PRIMARY KEY (user_id, id)
+) WITHOUT ROWID;
+CREATE INDEX pending_orders_updated ON pending_orders(user_id, updated_at DESC);
+
+-- The event log: every change appends here in the same transaction.
+CREATE TABLE events (
+    user_id    TEXT    NOT NULL,
+    seq        INTEGER NOT NULL,
+    type       TEXT    NOT NULL,
+    payload    TEXT    NOT NULL,                -- JSON
+    device_id  TEXT,
+    created_at INTEGER NOT NULL,                -- epoch ms
+    PRIMARY KEY (user_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX events_created ON events(created_at);
+
+-- One row per user with events: last_seq has no holes below it;
+-- events with seq <= pruned_through were removed by retention.
+CREATE TABLE streams (
+    user_id        TEXT    PRIMARY KEY,
+    last_seq       INTEGER NOT NULL,
+    pruned_through INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;

@@ -1,0 +1,283 @@
+//! SQLite storage: one writer, a pool of read-only readers, the schema.
+//!
+//! * Every write is a closure sent to the single writer thread ([`Store::write`]).
+//!   The writer drains the waiting closures into ONE transaction (group commit),
+//!   runs each inside its own SAVEPOINT so a failing request never affects another,
+//!   commits once, and only then publishes the group's events to the hub (in seq
+//!   order) and answers each caller. An acknowledged write is therefore durable
+//!   (with `--sync full`) and every published event is committed.
+//! * Reads run on a pool of read-only connections (`query_only`), in WAL mode, so
+//!   they never block the writer and see a consistent snapshot inside a transaction.
+
+pub mod accounts;
+pub mod events;
+pub mod orders;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::SyncMode;
+use crate::error::AppError;
+use crate::hub::Hub;
+
+pub use writer::WriteTx;
+
+/// The schema, applied when `user_version` is 0.
+pub const SCHEMA: &str = include_str!("../../schema.sql");
+/// Current schema version (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Options of [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub sync: SyncMode,
+    pub busy_timeout: Duration,
+    pub read_pool: u32,
+    pub max_group: usize,
+    pub hub_capacity: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            sync: SyncMode::Full,
+            busy_timeout: Duration::from_secs(5),
+            read_pool: 4,
+            max_group: 256,
+            hub_capacity: 1024,
+        }
+    }
+}
+
+/// A cheap, clonable handle to the database.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// Jobs for the writer thread. Bounded: when the writer is saturated, callers wait.
+    jobs: mpsc::Sender<writer::Msg>,
+    readers: r2d2::Pool<SqliteConnectionManager>,
+    hub: Arc<Hub>,
+}
+
+impl Store {
+    /// Opens (creating if missing) and migrates the database, starts the writer thread.
+    /// A file that is not an ordersync database is refused without being modified.
+    pub fn open(path: &Path, opts: &StoreOptions) -> anyhow::Result<Store> {
+        let conn = open_writer_connection(path, opts)?;
+        let hub = Arc::new(Hub::new(opts.hub_capacity));
+        let busy_ms = opts.busy_timeout.as_millis() as u64;
+        let manager = SqliteConnectionManager::file(path)
+            .with_flags(
+                OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | OpenFlags::SQLITE_OPEN_URI,
+            )
+            .with_init(move |c| {
+                // query_only: a write cannot slip in through a reader.
+                c.execute_batch(&format!(
+                    "PRAGMA query_only = 1; PRAGMA busy_timeout = {busy_ms};"
+                ))
+            });
+        let readers = r2d2::Pool::builder()
+            .max_size(opts.read_pool.max(1))
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(10))
+            .build(manager)
+            .with_context(|| format!("opening read connections to {}", path.display()))?;
+        let (jobs, rx) = mpsc::channel(4096);
+        writer::spawn(conn, rx, hub.clone(), opts.max_group.max(1))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                jobs,
+                readers,
+                hub,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.inner.hub
+    }
+
+    /// Runs `f` in the writer's transaction (inside its own savepoint). The result is
+    /// returned only after the transaction committed; if `f` fails, its changes and
+    /// events are rolled back and nothing else in the group is affected.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, AppError>
+    where
+        F: FnOnce(&mut WriteTx<'_>) -> Result<T, AppError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: writer::Job = Box::new(move |wtx: Option<&mut WriteTx<'_>>| {
+            let result = match wtx {
+                Some(wtx) => f(wtx),
+                // Not run: the completion's error (always Err here) is what the caller sees.
+                None => Err(AppError::Unavailable("the write did not run".into())),
+            };
+            let ok = result.is_ok();
+            let done: writer::Completion = Box::new(move |commit: Result<(), AppError>| {
+                let _ = tx.send(commit.and(result));
+            });
+            (ok, done)
+        });
+        self.inner
+            .jobs
+            .send(writer::Msg::Job(job))
+            .await
+            .map_err(|_| shutting_down())?;
+        rx.await.map_err(|_| shutting_down())?
+    }
+
+    /// Runs `f` on a read-only connection from the pool, off the async threads.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, AppError>
+    where
+        F: FnOnce(&Connection) -> Result<T, AppError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let pool = self.inner.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.get()?;
+            f(&conn)
+        })
+        .await
+        .map_err(|e| AppError::Internal(format!("read task failed: {e}")))?
+    }
+
+    /// Writes waiting in the writer's queue.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.jobs.max_capacity() - self.inner.jobs.capacity()
+    }
+
+    /// Stops the writer after the queued writes, checkpoints the WAL into the main file.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.jobs.send(writer::Msg::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn shutting_down() -> AppError {
+    AppError::Unavailable("the server is shutting down; retry in a moment".into())
+}
+
+/// Opens the read-write connection: refuses foreign or corrupt files before
+/// changing anything, then sets the pragmas and migrates.
+pub fn open_writer_connection(path: &Path, opts: &StoreOptions) -> anyhow::Result<Connection> {
+    let existed = path.exists();
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
+    )
+    .with_context(|| format!("cannot open database {}", path.display()))?;
+    conn.busy_timeout(opts.busy_timeout)?;
+    if existed {
+        inspect_existing(&conn, path)?;
+    }
+    set_pragmas(&conn, opts.sync)?;
+    migrate(&conn, path)?;
+    Ok(conn)
+}
+
+/// Read-only look at a file before anything writes to it.
+fn inspect_existing(conn: &Connection, path: &Path) -> anyhow::Result<()> {
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a usable SQLite database ({e}); it was not modified. \
+                 Point --db at another file, or restore it from a backup.",
+                path.display()
+            )
+        })?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == 0 && tables > 0 {
+        bail!(
+            "{} is a SQLite database but not an ordersync one (it has tables and no ordersync \
+             schema version); it was not modified. Point --db at another file.",
+            path.display()
+        );
+    }
+    if version > SCHEMA_VERSION {
+        bail!(
+            "{} has schema version {version}, newer than this ordersync ({SCHEMA_VERSION}); \
+             upgrade ordersync. The file was not modified.",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Every pragma in one place, each with its reason.
+fn set_pragmas(conn: &Connection, sync: SyncMode) -> anyhow::Result<()> {
+    // WAL: readers never block the writer and see snapshots.
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        bail!("could not switch the database to WAL mode (got {mode})");
+    }
+    // FULL: an acknowledged commit survives power loss; NORMAL: may lose the last
+    // commits on power loss, never corrupts.
+    let sync = match sync {
+        SyncMode::Full => "FULL",
+        SyncMode::Normal => "NORMAL",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {sync};
+         PRAGMA foreign_keys = ON;
+         PRAGMA temp_store = MEMORY;"
+    ))?;
+    Ok(())
+}
+
+/// Applies the schema / migrations, stepping `user_version`. Before migrating a
+/// database that already holds data, a copy is written next to it.
+fn migrate(conn: &Connection, path: &Path) -> anyhow::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    if version > 0 {
+        let backup = path.with_extension(format!("pre-v{}.bak", version + 1));
+        tracing::info!(from = version, to = SCHEMA_VERSION, backup = %backup.display(), "migrating; backing up first");
+        conn.execute("VACUUM INTO ?1", [backup.to_string_lossy()])
+            .context("backing up before migration")?;
+    }
+    if version == 0 {
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        ))
+        .context("creating the schema")?;
+    }
+    // Future migrations: `if version < 2 { ... PRAGMA user_version = 2 }` in one transaction each.
+    Ok(())
+}
+
+/// Runs `f` inside a read transaction so all its queries see one snapshot.
+pub fn snapshot<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, AppError>,
+) -> Result<T, AppError> {
+    conn.execute_batch("BEGIN")?;
+    let r = f(conn);
+    let _ = conn.execute_batch("COMMIT");
+    r
+}

@@ -260,6 +260,25 @@ describe('ordersync.js against a real server', () => {
     assert.equal(c.client.state, 'live');
   });
 
+  test('a stale baseVersion is a conflict that refreshes the map from `current`', async () => {
+    const c = await liveClient({ deviceId: 'dev-conflict' });
+    const order = sampleOrder();
+    await c.client.saveOrder(order);
+    await api.upsert([{ ...order, customerName: 'changed elsewhere' }]); // version 2
+    const r = await c.client.saveOrder({ ...order, customerName: 'mine' }, { baseVersion: 1 });
+    assert.equal(r.action, 'conflict');
+    assert.equal(r.current.version, 2);
+    assert.equal(c.client.orders.get(order.id).customerName, 'changed elsewhere');
+    await assert.rejects(c.client.deleteOrder(order.id, { baseVersion: 1 }), (e) => {
+      assert.equal(e.status, 409);
+      assert.equal(e.current && e.current.version, 2);
+      return true;
+    });
+    assert.ok(c.client.orders.has(order.id), 'a refused delete keeps the order');
+    const after_ = (await api.list()).orders.find((o) => o.id === order.id);
+    assert.equal(after_.customerName, 'changed elsewhere');
+  });
+
   test('API errors carry the envelope\'s error, code and details', async () => {
     const c = await liveClient({ deviceId: 'dev-errors' });
     await assert.rejects(c.client.saveOrder({ ...sampleOrder(), items: [{ articleCode: 'X', quantity: 0, price: 1, vat: 22 }] }), (e) => {

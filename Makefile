@@ -11,11 +11,11 @@ release:
 
 ## Unit and integration tests (real server on an ephemeral port, temp databases).
 test:
-	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --all-targets
 
 lint:
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

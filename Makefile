@@ -1,7 +1,7 @@
 # ordersync — every command a developer or CI needs.
 CARGO ?= cargo
 
-.PHONY: build release test lint fmt e2e bench bench-quick crash-test fuzz-api demo
+.PHONY: build release test lint fmt e2e bench crash-test fuzz-api demo
 
 build:
 	$(CARGO) build
@@ -31,3 +31,11 @@ bench: release
 
 demo:
 	$(CARGO) run --release -- demo
+
+## SIGKILL the server under write load, restart, verify nothing acknowledged was lost.
+crash-test:
+	$(CARGO) test --release --test crash -- --ignored --nocapture
+
+## Schemathesis against a live server, driven by docs/openapi.json.
+fuzz-api:
+	bash scripts/fuzz-api.sh

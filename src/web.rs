@@ -1,5 +1,5 @@
-//! The demo page and the browser client, embedded in the binary (no files to
-//! deploy). Served with a content type, an ETag and `Cache-Control: no-cache`,
+//! The demo page, the browser client and the OpenAPI document, embedded in the
+//! binary (no files to deploy). Served with a content type, an ETag and `Cache-Control: no-cache`,
 //! so browsers revalidate cheaply and always run the binary's own version.
 
 use std::sync::OnceLock;
@@ -26,6 +26,11 @@ const ASSETS: &[Asset] = &[
         path: "/ordersync.js",
         content_type: "text/javascript; charset=utf-8",
         body: include_str!("../web/ordersync.js"),
+    },
+    Asset {
+        path: "/api/openapi.json",
+        content_type: "application/json; charset=utf-8",
+        body: include_str!("../docs/openapi.json"),
     },
     Asset {
         path: "/ordersync.d.ts",

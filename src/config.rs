@@ -218,6 +218,11 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at GET /metrics
     #[arg(long, env = "ORDERSYNC_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics: bool,
+
+    /// Serve /metrics, /healthz and /readyz on this separate address (e.g. 127.0.0.1:9090)
+    /// instead of the main listener; it keeps answering until shutdown completes
+    #[arg(long, env = "ORDERSYNC_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServeArgs {

@@ -312,7 +312,7 @@ where
     })
 }
 
-async fn healthz(app: Arc<App>) -> Result<Response, Infallible> {
+pub(crate) async fn healthz(app: Arc<App>) -> Result<Response, Infallible> {
     let ctx = Ctx::new(Method::GET, "GET /healthz");
     let r = app
         .store
@@ -322,7 +322,7 @@ async fn healthz(app: Arc<App>) -> Result<Response, Infallible> {
     ctx.finish(r)
 }
 
-async fn readyz(app: Arc<App>) -> Result<Response, Infallible> {
+pub(crate) async fn readyz(app: Arc<App>) -> Result<Response, Infallible> {
     let ctx = Ctx::new(Method::GET, "GET /readyz");
     let r = async {
         if app.shutting_down.load(Ordering::SeqCst) {
@@ -338,19 +338,12 @@ async fn readyz(app: Arc<App>) -> Result<Response, Infallible> {
 
 async fn metrics_text(app: Arc<App>) -> Result<Response, Infallible> {
     let ctx = Ctx::new(Method::GET, "GET /metrics");
-    let r = match (&app.metrics, app.cfg.metrics) {
-        (Some(handle), true) => {
-            crate::telemetry::record_gauges(&app);
-            let mut resp = Response::new(handle.render().into());
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            Ok(resp)
-        }
-        _ => Err(AppError::NotFound(
-            "metrics are disabled (--metrics false)".into(),
-        )),
+    let r = if app.cfg.metrics_listen.is_some() {
+        Err(AppError::NotFound(
+            "metrics are served on the --metrics-listen address".into(),
+        ))
+    } else {
+        crate::telemetry::render(&app)
     };
     ctx.finish(r)
 }

@@ -60,6 +60,8 @@ pub struct App {
     pub shutting_down: AtomicBool,
     pub sessions: Sessions,
     pub metrics: Option<PrometheusHandle>,
+    /// The separate listener of `--metrics-listen`, bound by [`build`].
+    pub ops: Option<telemetry::OpsListener>,
 }
 
 impl App {
@@ -132,7 +134,12 @@ pub fn build(db: &Path, cfg: ServeArgs) -> anyhow::Result<Arc<App>> {
         hub_capacity: cfg.ws_buffer,
     };
     let store = Store::open(db, &opts)?;
+    let ops = cfg
+        .metrics_listen
+        .map(telemetry::OpsListener::bind)
+        .transpose()?;
     Ok(Arc::new(App {
+        ops,
         store,
         auth: Authenticator::new(cfg.jwt_secret.as_deref()),
         limiter: LoginLimiter::new(cfg.login_max_failures, cfg.login_window),
@@ -158,6 +165,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let poller = tokio::spawn(watch_revocations(app.clone(), stop_rx.clone()));
     let pruner = tokio::spawn(prune_events(app.clone(), stop_rx.clone()));
+    let ops = telemetry::serve_ops(app.clone(), stop_rx.clone())?;
 
     let signal_app = app.clone();
     let signal = async move {
@@ -183,6 +191,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = poller.await;
     let _ = pruner.await;
+    if let Some(ops) = ops {
+        let _ = ops.await;
+    }
     app.store.close().await;
     tracing::info!("stopped");
     Ok(())

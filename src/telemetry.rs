@@ -1,12 +1,28 @@
 //! Logs (tracing) and metrics (the `metrics` facade, rendered by the Prometheus
-//! exporter at `GET /metrics`).
+//! exporter at `GET /metrics`), and the optional separate listener of
+//! `--metrics-listen` for `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Metrics (all prefixed `ordersync_`), where they are emitted:
+//! * `http.rs`: `http_requests_total{route,status}`, `http_request_duration_seconds{route}`;
+//! * `store/writer.rs`: `events_appended_total`, `write_transaction_seconds`,
+//!   `write_group_size`, `write_failures_total`;
+//! * `ws.rs`: `events_delivered_total`, `ws_lag_catchups_total`, `ws_resyncs_total`;
+//! * here, sampled on each scrape: `ws_open_sockets`, `writer_queue_depth`, `database_bytes`.
 
-use std::sync::OnceLock;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
 
+use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing_subscriber::EnvFilter;
+use warp::http::{header, HeaderValue};
+use warp::reply::Response;
+use warp::Filter;
 
 use crate::config::LogFormat;
+use crate::error::AppError;
 use crate::App;
 
 /// Installs the log subscriber: level from `RUST_LOG`, else `level`. Logs go to
@@ -17,11 +33,17 @@ pub fn init_logging(level: &str, format: LogFormat) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        // One JSON object per line, fields at the top level, never colour codes.
+        LogFormat::Json => builder
+            .with_ansi(false)
+            .json()
+            .flatten_event(true)
+            .try_init(),
     };
 }
 
@@ -57,4 +79,95 @@ pub fn record_gauges(app: &App) {
         })
         .sum();
     metrics::gauge!("ordersync_database_bytes").set(size as f64);
+}
+
+/// The Prometheus text exposition, or 404 with `--metrics false`.
+pub fn render(app: &App) -> Result<Response, AppError> {
+    match (&app.metrics, app.cfg.metrics) {
+        (Some(handle), true) => {
+            record_gauges(app);
+            let mut resp = Response::new(handle.render().into());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(resp)
+        }
+        _ => Err(AppError::NotFound(
+            "metrics are disabled (--metrics false)".into(),
+        )),
+    }
+}
+
+/// The listener of `--metrics-listen`, bound when the app is built (so a bad
+/// address fails the start) and served by [`serve_ops`].
+pub struct OpsListener {
+    pub addr: SocketAddr,
+    listener: Mutex<Option<std::net::TcpListener>>,
+}
+
+impl OpsListener {
+    pub fn bind(addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = std::net::TcpListener::bind(addr).with_context(|| {
+            format!("cannot listen on {addr} for --metrics-listen; pick another address")
+        })?;
+        listener.set_nonblocking(true)?;
+        Ok(OpsListener {
+            addr: listener.local_addr()?,
+            listener: Mutex::new(Some(listener)),
+        })
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on the `--metrics-listen`
+/// listener until `stop` turns true. Unlike the main listener, which stops
+/// accepting as soon as shutdown begins, this one keeps answering while
+/// requests and sockets drain, so a monitor sees `/readyz` 503 and `/healthz`
+/// 200 until the server has stopped.
+pub fn serve_ops(
+    app: Arc<App>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<Option<JoinHandle<()>>> {
+    let Some(ops) = &app.ops else {
+        return Ok(None);
+    };
+    let Some(std_listener) = ops.listener.lock().unwrap().take() else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    tracing::info!(addr = %ops.addr, "serving /metrics, /healthz, /readyz");
+    let with_app = {
+        let app = app.clone();
+        warp::any().map(move || app.clone())
+    };
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_app.clone())
+        .map(|app: Arc<App>| render(&app).unwrap_or_else(AppError::into_response));
+    let health = warp::path!("healthz")
+        .and(warp::get())
+        .and(with_app.clone())
+        .and_then(crate::http::healthz);
+    let ready = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_app)
+        .and_then(crate::http::readyz);
+    let not_found = warp::any().map(|| {
+        AppError::NotFound("this listener serves /metrics, /healthz and /readyz".into())
+            .into_response()
+    });
+    let routes = metrics
+        .or(health)
+        .unify()
+        .or(ready)
+        .unify()
+        .or(not_found)
+        .unify();
+    let server = warp::serve(routes)
+        .incoming(listener)
+        .graceful(async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        })
+        .run();
+    Ok(Some(tokio::spawn(server)))
 }

@@ -123,9 +123,10 @@ async fn upgrade(
         HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
             .expect("base64 is a header value"),
     );
-    // The log line carries no query string: the token may be in it.
+    // The log line carries no query string: the token may be in it. The user is
+    // authenticated after the upgrade; the `socket open` line names it.
     tracing::info!(target: "ordersync::request", method = %Method::GET, route = "GET /ws/realtime",
-        status = 101, latency_ms = started.elapsed().as_secs_f64() * 1000.0, "request");
+        status = 101, latency_ms = started.elapsed().as_secs_f64() * 1000.0, user = "-", "request");
     Ok(resp)
 }
 

@@ -355,6 +355,12 @@ pub fn backup(db: &Path, dest: &Path, force: bool) -> anyhow::Result<()> {
             dest.display()
         );
     }
+    if dest.exists() && same_file(db, dest) {
+        bail!(
+            "{} is the database itself; write the backup somewhere else",
+            dest.display()
+        );
+    }
     let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE)
         .with_context(|| format!("opening {}", db.display()))?;
     conn.busy_timeout(Duration::from_secs(10))?;
@@ -367,15 +373,16 @@ pub fn backup(db: &Path, dest: &Path, force: bool) -> anyhow::Result<()> {
     partial.push(".partial");
     let partial = PathBuf::from(partial);
     let _ = std::fs::remove_file(&partial);
-    // Progress: the copy's size against the source's, on stderr, for big files.
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Progress: the copy's size against the source's, on stderr, every half
+    // second once the copy has taken that long (so only for big files).
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let progress = {
-        let done = done.clone();
         let partial = partial.clone();
         std::thread::spawn(move || {
             let mut shown = false;
-            while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(500));
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                done_rx.recv_timeout(Duration::from_millis(500))
+            {
                 if let Ok(m) = std::fs::metadata(&partial) {
                     let pct = (m.len() as f64 / total.max(1) as f64 * 100.0).min(100.0);
                     eprint!("\rbackup: {:.0}% ({} of ~{} bytes)", pct, m.len(), total);
@@ -387,23 +394,47 @@ pub fn backup(db: &Path, dest: &Path, force: bool) -> anyhow::Result<()> {
             }
         })
     };
+    // One read transaction: a snapshot of the last commit before it started.
+    // In WAL mode writers go on meanwhile; only checkpoints wait for it.
     let result = conn.execute("VACUUM INTO ?1", [partial.to_string_lossy()]);
-    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(done_tx);
     let _ = progress.join();
-    result.with_context(|| format!("writing the backup to {}", partial.display()))?;
+    drop(conn);
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e).with_context(|| format!("writing the backup to {}", partial.display()));
+    }
     let report = check(&partial)?;
     if !report.ok {
         let _ = std::fs::remove_file(&partial);
         bail!("the backup failed its check:\n{}", report.text);
     }
+    // Durable before it is visible under its name: fsync the file, rename, fsync the directory.
+    std::fs::File::open(&partial)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("flushing {}", partial.display()))?;
     std::fs::rename(&partial, dest)
         .with_context(|| format!("moving the backup to {}", dest.display()))?;
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let Ok(dir) = std::fs::File::open(parent) {
+        let _ = dir.sync_all();
+    }
     let size = std::fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
     println!(
         "backup written to {} ({size} bytes); it passed `ordersync check`",
         dest.display()
     );
     Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// What `check` found.
@@ -469,7 +500,8 @@ pub fn check(db: &Path) -> anyhow::Result<CheckReport> {
         ),
     );
     let mut stmt = conn.prepare(
-        "SELECT s.user_id, s.last_seq, s.pruned_through, count(e.seq), min(e.seq), max(e.seq)
+        "SELECT s.user_id, s.last_seq, s.pruned_through, count(e.seq), min(e.seq), max(e.seq),
+                (SELECT u.username FROM users u WHERE CAST(u.id AS TEXT) = s.user_id)
          FROM streams s LEFT JOIN events e ON e.user_id = s.user_id AND e.seq > s.pruned_through
          GROUP BY s.user_id",
     )?;
@@ -481,21 +513,25 @@ pub fn check(db: &Path) -> anyhow::Result<CheckReport> {
             r.get::<_, i64>(3)?,
             r.get::<_, Option<i64>>(4)?,
             r.get::<_, Option<i64>>(5)?,
+            r.get::<_, Option<String>>(6)?,
         ))
     })?;
     let mut streams = 0;
     let mut broken = Vec::new();
     for row in rows {
-        let (user, last, floor, n, min, max) = row?;
+        let (user, last, floor, n, min, max, name) = row?;
         streams += 1;
         let contiguous =
             n == last - floor && (n == 0 || (min == Some(floor + 1) && max == Some(last)));
         if !contiguous {
+            let name = name.map(|n| format!(" ({n})")).unwrap_or_default();
+            let found = match (min, max) {
+                (Some(lo), Some(hi)) => format!("{n} events, seqs {lo}..={hi}"),
+                _ => "no events".to_string(),
+            };
             broken.push(format!(
-                "user {user}: expected seqs {}..={last}, found {n} events ({:?}..={:?})",
+                "user {user}{name}: expected seqs {}..={last} without holes, found {found}",
                 floor + 1,
-                min,
-                max
             ));
         }
     }

@@ -104,10 +104,8 @@ impl Authenticator {
         }
         if token.starts_with(TOKEN_PREFIX) {
             let hash = token_hash(token);
-            let lookup = hash.clone();
             let record = store
-                .read(move |c| accounts::lookup_token(c, &lookup))
-                .await?
+                .read_now(|c| accounts::lookup_token(c, &hash))?
                 .ok_or_else(|| unauthorized("invalid token"))?;
             // The lookup was by hash; compare again in constant time anyway so no
             // code path compares secrets with an early-exit comparison.

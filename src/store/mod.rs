@@ -63,6 +63,8 @@ pub struct Store {
 }
 
 struct Inner {
+    /// Unique per opened store in this process (keys the per-thread readers).
+    id: u64,
     path: PathBuf,
     /// Jobs for the writer thread. Bounded: when the writer is saturated, callers wait.
     jobs: mpsc::Sender<writer::Msg>,
@@ -95,10 +97,19 @@ impl Store {
             .connection_timeout(Duration::from_secs(10))
             .build(manager)
             .with_context(|| format!("opening read connections to {}", path.display()))?;
+        let wal = match opts.sync {
+            SyncMode::Full => Some(open_wal(path)?),
+            SyncMode::Normal => None,
+        };
         let (jobs, rx) = mpsc::channel(4096);
-        writer::spawn(conn, rx, hub.clone(), opts.max_group.max(1))?;
+        writer::spawn(conn, rx, hub.clone(), opts.max_group.max(1), wal)?;
         Ok(Store {
             inner: Arc::new(Inner {
+                id: {
+                    static NEXT: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(1);
+                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                },
                 path: path.to_path_buf(),
                 jobs,
                 readers,
@@ -159,6 +170,40 @@ impl Store {
         .map_err(|e| AppError::Internal(format!("read task failed: {e}")))?
     }
 
+    /// Runs a *short* read (a primary-key lookup, e.g. a token on every request)
+    /// right on the calling thread, on a read-only connection kept per thread and
+    /// store. It saves the blocking-pool round trip of [`Store::read`]; never use it
+    /// for scans.
+    pub fn read_now<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, AppError>,
+    ) -> Result<T, AppError> {
+        thread_local! {
+            /// (store id, connection); a handful at most (one per store in this process).
+            static READERS: std::cell::RefCell<Vec<(u64, Connection)>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        READERS.with(|cell| {
+            let mut readers = cell.borrow_mut();
+            let i = match readers.iter().position(|(id, _)| *id == self.inner.id) {
+                Some(i) => i,
+                None => {
+                    let conn = Connection::open_with_flags(
+                        &self.inner.path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )?;
+                    conn.execute_batch("PRAGMA query_only = 1; PRAGMA busy_timeout = 5000;")?;
+                    if readers.len() >= 8 {
+                        readers.remove(0);
+                    }
+                    readers.push((self.inner.id, conn));
+                    readers.len() - 1
+                }
+            };
+            f(&readers[i].1)
+        })
+    }
+
     /// Writes waiting in the writer's queue.
     pub fn queue_depth(&self) -> usize {
         self.inner.jobs.max_capacity() - self.inner.jobs.capacity()
@@ -171,6 +216,25 @@ impl Store {
             let _ = rx.await;
         }
     }
+}
+
+/// The WAL file, for the syncer's `fdatasync`. It exists once the writer
+/// connection has read the database in WAL mode, and it is never deleted while
+/// that connection is open. Its directory entry is made durable once here.
+fn open_wal(db: &Path) -> anyhow::Result<std::fs::File> {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    let wal = std::fs::File::open(&name)
+        .with_context(|| format!("opening the write-ahead log {}", Path::new(&name).display()))?;
+    wal.sync_all()?;
+    let dir = match db.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(wal)
 }
 
 fn shutting_down() -> AppError {
@@ -234,17 +298,20 @@ fn set_pragmas(conn: &Connection, sync: SyncMode) -> anyhow::Result<()> {
     if !mode.eq_ignore_ascii_case("wal") {
         bail!("could not switch the database to WAL mode (got {mode})");
     }
-    // FULL: an acknowledged commit survives power loss; NORMAL: may lose the last
-    // commits on power loss, never corrupts.
-    let sync = match sync {
-        SyncMode::Full => "FULL",
-        SyncMode::Normal => "NORMAL",
-    };
-    conn.execute_batch(&format!(
-        "PRAGMA synchronous = {sync};
+    // NORMAL in WAL mode: the WAL is synced before each checkpoint, so a crash
+    // never corrupts the file. With --sync full the writer's syncer thread also
+    // fdatasyncs the WAL after every commit before acknowledging it (see
+    // writer.rs), which makes every acknowledged write survive power loss.
+    let _ = sync;
+    conn.execute_batch(
+        "PRAGMA synchronous = NORMAL;
          PRAGMA foreign_keys = ON;
-         PRAGMA temp_store = MEMORY;"
-    ))?;
+         PRAGMA temp_store = MEMORY;",
+    )?;
+    // Make sure the WAL file exists now (the syncer opens it).
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })?;
     Ok(())
 }
 

@@ -49,32 +49,47 @@ fn order_from_row(r: &Row<'_>) -> rusqlite::Result<Order> {
     })
 }
 
-impl Order {
-    /// The stored content, to compare with an incoming order.
-    fn content(&self) -> OrderContent {
-        OrderContent {
-            customer_id: self.customer_id.clone(),
-            customer_name: self.customer_name.clone(),
-            device_id: self.device_id.clone(),
-            status: self.status.clone(),
-            items: self.items.get().to_string(),
-            discount_percent: self.discount_percent,
-            target_total_with_vat: self.target_total_with_vat,
-            shipping_cost: self.shipping_cost,
-            shipping_tax: self.shipping_tax,
-            no_shipping: self.no_shipping,
-            notes: self.notes.clone(),
-            origin_draft_id: self.origin_draft_id.clone(),
-            sub_client_codice: self.sub_client_codice.clone(),
-            sub_client_name: self.sub_client_name.clone(),
-            sub_client_data: self.sub_client_data.as_ref().map(|v| v.get().to_string()),
-            delivery_address_id: self
-                .delivery_address_id
-                .as_ref()
-                .map(|v| v.get().to_string()),
-            idempotency_key: self.idempotency_key.clone(),
-        }
-    }
+/// What upsert needs of an existing order: its content, version and update time
+/// (read without re-validating the stored JSON, which `get` does).
+fn existing(
+    conn: &Connection,
+    user_id: &str,
+    id: &str,
+) -> Result<Option<(OrderContent, i64, i64)>, AppError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT customer_id, customer_name, device_id, status, items, discount_percent,
+                    target_total_with_vat, shipping_cost, shipping_tax, no_shipping, notes,
+                    origin_draft_id, sub_client_codice, sub_client_name, sub_client_data,
+                    delivery_address_id, idempotency_key, version, updated_at
+             FROM pending_orders WHERE user_id = ?1 AND id = ?2",
+        )?
+        .query_row(params![user_id, id], |r| {
+            Ok((
+                OrderContent {
+                    customer_id: r.get(0)?,
+                    customer_name: r.get(1)?,
+                    device_id: r.get(2)?,
+                    status: r.get(3)?,
+                    items: r.get(4)?,
+                    discount_percent: r.get(5)?,
+                    target_total_with_vat: r.get(6)?,
+                    shipping_cost: r.get(7)?,
+                    shipping_tax: r.get(8)?,
+                    no_shipping: r.get(9)?,
+                    notes: r.get(10)?,
+                    origin_draft_id: r.get(11)?,
+                    sub_client_codice: r.get(12)?,
+                    sub_client_name: r.get(13)?,
+                    sub_client_data: r.get(14)?,
+                    delivery_address_id: r.get(15)?,
+                    idempotency_key: r.get(16)?,
+                },
+                r.get(17)?,
+                r.get(18)?,
+            ))
+        })
+        .optional()?)
 }
 
 pub fn get(conn: &Connection, user_id: &str, id: &str) -> Result<Option<Order>, AppError> {
@@ -145,33 +160,33 @@ pub fn upsert(
     let mut created = Vec::new();
     let mut updated = Vec::new();
     for input in &batch.orders {
-        let existing = get(tx.conn(), user_id, &input.id)?;
+        let existing = existing(tx.conn(), user_id, &input.id)?;
         let c = &input.content;
         let conflict = match (&existing, input.base_version) {
             (_, None) => false,
             (None, Some(base)) => base != 0,
-            (Some(o), Some(base)) => o.version != base,
+            (Some((_, version, _)), Some(base)) => *version != base,
         };
         if conflict {
-            let current = existing.as_ref().map(|o| json!(o)).unwrap_or(Value::Null);
+            let current = get(tx.conn(), user_id, &input.id)?;
             results.push(UpsertResult {
                 id: input.id.clone(),
                 action: "conflict",
-                version: existing.as_ref().map_or(0, |o| o.version),
-                server_updated_at: existing.as_ref().map_or(0, |o| o.updated_at),
-                current: Some(current),
+                version: current.as_ref().map_or(0, |o| o.version),
+                server_updated_at: current.as_ref().map_or(0, |o| o.updated_at),
+                current: Some(current.map(|o| json!(o)).unwrap_or(Value::Null)),
             });
             continue;
         }
         match existing {
-            Some(o) if o.content() == *c => results.push(UpsertResult {
+            Some((stored, version, updated_at)) if stored == *c => results.push(UpsertResult {
                 id: input.id.clone(),
                 action: "unchanged",
-                version: o.version,
-                server_updated_at: o.updated_at,
+                version,
+                server_updated_at: updated_at,
                 current: None,
             }),
-            Some(o) => {
+            Some((_, version, _)) => {
                 tx.conn()
                     .prepare_cached(
                         "UPDATE pending_orders SET customer_id = ?3, customer_name = ?4,
@@ -209,7 +224,7 @@ pub fn upsert(
                 results.push(UpsertResult {
                     id: input.id.clone(),
                     action: "updated",
-                    version: o.version + 1,
+                    version: version + 1,
                     server_updated_at: now,
                     current: None,
                 });

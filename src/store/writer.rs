@@ -1,14 +1,21 @@
-//! The single writer thread and its group commit.
+//! The single writer thread, its group commit, and the durability pipeline.
 //!
 //! One OS thread owns the read-write connection. It takes the first waiting job,
 //! drains up to `max_group - 1` more without waiting, and runs them all in one
-//! `BEGIN IMMEDIATE … COMMIT`, each inside `SAVEPOINT job`. One commit (one fsync
-//! with `synchronous=FULL`) thus acknowledges many requests. Events appended by a
-//! job that failed are discarded with its savepoint; events of the group are
-//! published to the hub only after COMMIT succeeded, in append (= seq) order.
+//! `BEGIN IMMEDIATE … COMMIT`, each inside `SAVEPOINT job`. Events appended by a
+//! job that failed are discarded with its savepoint.
+//!
+//! Durability is pipelined: SQLite runs with `synchronous=NORMAL` (the WAL is
+//! synced before every checkpoint, so the file is never corrupted), and with
+//! `--sync full` a second thread, the *syncer*, `fdatasync`s the WAL after each
+//! commit. Only then are the group's events published to the hub (in seq order)
+//! and its requests acknowledged. Meanwhile the writer already executes the next
+//! group, so one fsync covers every group committed while the previous one ran.
+//! An acknowledged write is thus exactly as durable as with `synchronous=FULL`.
 
+use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 
 use rusqlite::Connection;
@@ -84,19 +91,86 @@ impl WriteTx<'_> {
     }
 }
 
+/// A committed group on its way to being durable and acknowledged.
+struct Committed {
+    events: Vec<Event>,
+    completions: Vec<Completion>,
+    started: Instant,
+    size: usize,
+}
+
+enum SyncMsg {
+    Group(Committed),
+    /// All earlier groups are settled when this is answered.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// Starts the writer and syncer threads. `wal` is the open WAL file to
+/// `fdatasync` after each commit (`None` with `--sync normal`).
 pub fn spawn(
     conn: Connection,
     rx: mpsc::Receiver<Msg>,
     hub: Arc<Hub>,
     max_group: usize,
+    wal: Option<File>,
 ) -> std::io::Result<()> {
+    let (sync_tx, sync_rx) = std_mpsc::channel();
+    std::thread::Builder::new()
+        .name("ordersync-syncer".into())
+        .spawn(move || run_syncer(sync_rx, hub, wal))?;
     std::thread::Builder::new()
         .name("ordersync-writer".into())
-        .spawn(move || run(conn, rx, hub, max_group))?;
+        .spawn(move || run(conn, rx, sync_tx, max_group))?;
     Ok(())
 }
 
-fn run(conn: Connection, mut rx: mpsc::Receiver<Msg>, hub: Arc<Hub>, max_group: usize) {
+/// Makes committed groups durable, then publishes their events and answers
+/// their callers, strictly in commit order.
+fn run_syncer(rx: std_mpsc::Receiver<SyncMsg>, hub: Arc<Hub>, wal: Option<File>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        let has_groups = batch.iter().any(|m| matches!(m, SyncMsg::Group(_)));
+        let synced = match (&wal, has_groups) {
+            (Some(f), true) => f.sync_data().map_err(|e| {
+                tracing::error!(error = %e, "fdatasync of the WAL failed");
+                AppError::Unavailable(format!(
+                    "the write could not be made durable ({e}); check the disk, then reload and retry"
+                ))
+            }),
+            _ => Ok(()),
+        };
+        for msg in batch {
+            match msg {
+                SyncMsg::Group(g) => {
+                    // Committed and visible either way: publish so streams stay gapless.
+                    hub.publish(&g.events);
+                    for done in g.completions {
+                        done(match &synced {
+                            Ok(()) => Ok(()),
+                            Err(e) => Err(clone_err(e)),
+                        });
+                    }
+                    metrics::histogram!("ordersync_write_transaction_seconds")
+                        .record(g.started.elapsed().as_secs_f64());
+                    metrics::histogram!("ordersync_write_group_size").record(g.size as f64);
+                    metrics::counter!("ordersync_events_appended_total")
+                        .increment(g.events.len() as u64);
+                }
+                SyncMsg::Barrier(reply) => {
+                    let _ = reply.send(());
+                }
+            }
+        }
+    }
+}
+
+fn run(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Msg>,
+    sync: std_mpsc::Sender<SyncMsg>,
+    max_group: usize,
+) {
     let mut close_reply = None;
     let mut group: Vec<Job> = Vec::with_capacity(max_group);
     while close_reply.is_none() {
@@ -113,11 +187,17 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Msg>, hub: Arc<Hub>, max_group: 
             }
         }
         if !group.is_empty() {
-            commit_group(&conn, &hub, std::mem::take(&mut group));
+            if let Some(committed) = commit_group(&conn, std::mem::take(&mut group)) {
+                let _ = sync.send(SyncMsg::Group(committed));
+            }
         }
     }
     // Jobs queued after Close are dropped: their callers get "shutting down" (503).
     rx.close();
+    let (tx, settled) = oneshot::channel();
+    if sync.send(SyncMsg::Barrier(tx)).is_ok() {
+        let _ = settled.blocking_recv();
+    }
     if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
         tracing::warn!(error = %e, "final WAL checkpoint failed; the WAL will be replayed on next open");
     }
@@ -128,14 +208,16 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Msg>, hub: Arc<Hub>, max_group: 
     }
 }
 
-fn commit_group(conn: &Connection, hub: &Hub, group: Vec<Job>) {
+/// Runs a group in one transaction. Returns it committed (not yet durable), or
+/// `None` after answering every job of a group that could not commit.
+fn commit_group(conn: &Connection, group: Vec<Job>) -> Option<Committed> {
     let started = Instant::now();
     let size = group.len();
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let e = AppError::from(e);
         tracing::warn!(error = %e, jobs = size, "cannot begin a write transaction");
         fail_all(group, &e);
-        return;
+        return None;
     }
     let mut events = Vec::new();
     let mut completions: Vec<Completion> = Vec::with_capacity(size);
@@ -194,16 +276,14 @@ fn commit_group(conn: &Connection, hub: &Hub, group: Vec<Job>) {
         }
         fail_all(jobs.collect(), &err);
         metrics::counter!("ordersync_write_failures_total").increment(size as u64);
-        return;
+        return None;
     }
-    hub.publish(&events);
-    for done in completions {
-        done(Ok(()));
-    }
-    metrics::histogram!("ordersync_write_transaction_seconds")
-        .record(started.elapsed().as_secs_f64());
-    metrics::histogram!("ordersync_write_group_size").record(size as f64);
-    metrics::counter!("ordersync_events_appended_total").increment(events.len() as u64);
+    Some(Committed {
+        events,
+        completions,
+        started,
+        size,
+    })
 }
 
 /// Answers jobs that never ran with `err`, without running them.

@@ -1,7 +1,7 @@
 //! Command line and environment: every limit is a flag with a default, and every
 //! flag of `serve` can also be set with an `ORDERSYNC_*` environment variable.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -223,6 +223,16 @@ pub struct ServeArgs {
     /// instead of the main listener; it keeps answering until shutdown completes
     #[arg(long, env = "ORDERSYNC_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+
+    /// Address of a reverse proxy whose X-Forwarded-For names the real client (for the
+    /// failed-login limit per address); repeatable or comma-separated
+    #[arg(
+        long,
+        env = "ORDERSYNC_TRUSTED_PROXY",
+        value_delimiter = ',',
+        value_name = "IP"
+    )]
+    pub trusted_proxy: Vec<IpAddr>,
 }
 
 impl Default for ServeArgs {

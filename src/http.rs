@@ -107,6 +107,37 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
+/// The client's address: the peer's, or, when the peer is a `--trusted-proxy`,
+/// the nearest X-Forwarded-For entry that is not itself a trusted proxy.
+pub fn client_ip(
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    trusted: &[std::net::IpAddr],
+) -> Option<std::net::IpAddr> {
+    let mut ip = peer?.ip();
+    if !trusted.contains(&ip) {
+        return Some(ip);
+    }
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect::<Vec<_>>();
+    for hop in forwarded.iter().rev() {
+        match hop.trim().parse() {
+            Ok(hop_ip) => {
+                ip = hop_ip;
+                if !trusted.contains(&ip) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    Some(ip)
+}
+
 fn ok(body: &impl Serialize) -> Result<Response, AppError> {
     Ok(json_response(StatusCode::OK, body))
 }
@@ -383,7 +414,7 @@ async fn login(
                 )]));
             }
         }
-        let ip = addr.map(|a| a.ip());
+        let ip = client_ip(addr, &headers, &app.cfg.trusted_proxy);
         app.limiter.check(&b.username, ip)?;
         let name = b.username.clone();
         let user = app

@@ -598,3 +598,55 @@ async fn json_logs_have_one_line_per_request_and_never_contain_tokens_or_passwor
         .iter()
         .any(|l| l["message"] == "socket refused" && l["reason"] == "authentication failed"));
 }
+
+// ---------------------------------------------------------------- behind a proxy
+
+#[test]
+fn client_ip_trusts_x_forwarded_for_only_from_trusted_proxies() {
+    use ordersync::http::client_ip;
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("x-forwarded-for", "6.6.6.6, 10.0.0.7".parse().unwrap());
+    let proxy: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+    // Not trusted: the header is the client's word, ignored.
+    assert_eq!(client_ip(Some(proxy), &h, &[]), ip("127.0.0.1"));
+    // Trusted: the proxy appended the address it saw (the rightmost entry).
+    let trusted = [ip("127.0.0.1").unwrap()];
+    assert_eq!(client_ip(Some(proxy), &h, &trusted), ip("10.0.0.7"));
+    // A chain of trusted proxies is skipped; a client-written entry is not trusted.
+    let chain = [ip("127.0.0.1").unwrap(), ip("10.0.0.7").unwrap()];
+    assert_eq!(client_ip(Some(proxy), &h, &chain), ip("6.6.6.6"));
+    assert_eq!(
+        client_ip(Some(proxy), &Default::default(), &trusted),
+        ip("127.0.0.1")
+    );
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_failed_logins_are_limited_per_real_client() {
+    let app = spawn_with(ordersync::config::ServeArgs {
+        login_max_failures: 1, // 4 per address
+        trusted_proxy: vec!["127.0.0.1".parse().unwrap()],
+        ..test_args()
+    })
+    .await;
+    app.create_user("alice", "password123").await;
+    let login = |from: &str, user: &str, pw: &str| {
+        app.client
+            .post(app.url("/api/auth/login"))
+            .header("x-forwarded-for", from)
+            .json(&json!({"username": user, "password": pw}))
+    };
+    for i in 0..4 {
+        let r = login("10.0.0.1", &format!("nobody{i}"), "x").send().await;
+        assert_eq!(r.unwrap().status(), StatusCode::UNAUTHORIZED);
+    }
+    let r = login("10.0.0.1", "nobody9", "x").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Another client behind the same proxy is not locked out.
+    let r = login("10.0.0.2", "alice", "password123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}

@@ -134,6 +134,10 @@ struct Cli {
     /// replay: give up storing events after this many seconds (replays what is stored).
     #[arg(long, default_value_t = 600)]
     fill_timeout: u64,
+    /// fanout: write a CSV line per delivered frame (sent_ms, user, socket, seq, reply_ms,
+    /// delivery_ms) to this file; with several rounds the last round's wins.
+    #[arg(long, value_name = "CSV")]
+    dump_latencies: Option<PathBuf>,
     /// WebSocket connects in flight at once.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
@@ -172,6 +176,7 @@ impl Cli {
             fill_timeout_secs: self.fill_timeout.min(36_000),
             connect_concurrency: self.connect_concurrency.clamp(1, 4096),
             budgets: !q,
+            dump_latencies: self.dump_latencies.clone(),
         };
         Ok(p)
     }

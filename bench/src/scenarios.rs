@@ -48,6 +48,9 @@ pub struct Params {
     pub connect_concurrency: usize,
     /// Attach issue 5's budgets to the results (off in --quick mode).
     pub budgets: bool,
+    /// fanout: write one CSV line per delivered frame here (diagnosis).
+    #[serde(skip)]
+    pub dump_latencies: Option<std::path::PathBuf>,
 }
 
 /// Where the server is and how to talk to it.
@@ -688,17 +691,19 @@ pub async fn fanout(ctx: &Arc<Ctx>, p: &Params, notes: &mut Vec<String>) -> Resu
                 .post_orders(&auths[u], body)
                 .await
                 .and_then(|r| r.expect_actions(1, "created").and_then(|_| r.seq()));
+            let t1 = Instant::now();
             drop(permit);
-            (u, t0, r)
+            (u, t0, t1, r)
         }));
     }
-    let mut by_user: Vec<Vec<(u64, Instant)>> = vec![Vec::new(); p.users];
+    // Per user: (seq, request sent, reply received).
+    let mut by_user: Vec<Vec<(u64, Instant, Instant)>> = vec![Vec::new(); p.users];
     let (mut ok, mut errors, mut first_error) = (0u64, 0u64, None);
     for w in writes {
-        let (u, t0, r) = w.await?;
+        let (u, t0, t1, r) = w.await?;
         match r {
             Ok(seq) => {
-                by_user[u].push((seq, t0));
+                by_user[u].push((seq, t0, t1));
                 ok += 1;
             }
             Err(e) => {
@@ -725,7 +730,11 @@ pub async fn fanout(ctx: &Arc<Ctx>, p: &Params, notes: &mut Vec<String>) -> Resu
     let (mut lost, mut extra, mut order_errors, mut ended, mut resync) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut first_end = None;
-    for o in &outs {
+    let mut dump = String::new();
+    if p.dump_latencies.is_some() {
+        dump.push_str("sent_ms,user,socket,seq,reply_ms,delivery_ms\n");
+    }
+    for (sock, o) in outs.iter().enumerate() {
         order_errors += o.order_errors;
         resync += o.resync;
         if let Some(e) = &o.ended {
@@ -734,11 +743,21 @@ pub async fn fanout(ctx: &Arc<Ctx>, p: &Params, notes: &mut Vec<String>) -> Resu
         }
         let arrived: HashMap<u64, Instant> = o.arrivals.iter().rev().copied().collect();
         let mut matched = 0u64;
-        for (seq, t0) in &by_user[o.user_idx] {
+        for (seq, t0, t1) in &by_user[o.user_idx] {
             match arrived.get(seq) {
                 Some(at) => {
                     matched += 1;
-                    lat.push(micros(at.saturating_duration_since(*t0)));
+                    let l = micros(at.saturating_duration_since(*t0));
+                    lat.push(l);
+                    if p.dump_latencies.is_some() {
+                        dump.push_str(&format!(
+                            "{:.3},{},{sock},{seq},{:.3},{:.3}\n",
+                            t0.saturating_duration_since(start).as_secs_f64() * 1000.0,
+                            o.user_idx,
+                            (*t1 - *t0).as_secs_f64() * 1000.0,
+                            l as f64 / 1000.0
+                        ));
+                    }
                 }
                 None => lost += 1,
             }
@@ -746,6 +765,13 @@ pub async fn fanout(ctx: &Arc<Ctx>, p: &Params, notes: &mut Vec<String>) -> Resu
         extra += arrived.len() as u64 - matched;
     }
     lat.sort_unstable();
+    if let Some(path) = &p.dump_latencies {
+        std::fs::write(path, dump).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "bench: fanout: per-frame latencies written to {}",
+            path.display()
+        );
+    }
     if let Some(e) = first_error {
         notes.push(format!("first write error: {e}"));
     }

@@ -179,8 +179,12 @@ impl CpuMeter {
 
     pub fn finish(&self) -> Vec<crate::report::Metric> {
         use crate::report::Metric;
-        let wall = self.t0.elapsed().as_secs_f64().max(1e-9);
+        let wall = self.t0.elapsed().as_secs_f64();
         let mut out = Vec::new();
+        if wall < 0.25 {
+            // CPU times tick every 10 ms: too coarse to say anything over a short stretch.
+            return out;
+        }
         if let (Some(pid), Some(s0)) = (self.pid, self.server0) {
             if let Some(s1) = proc_cpu_secs(pid) {
                 out.push(Metric::new(

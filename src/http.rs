@@ -165,10 +165,19 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infal
         .and(warp::get())
         .and(with_app.clone())
         .and_then(metrics_text);
+    // Embedded assets: a bounded set of paths, so the path is the route label.
     let statics = warp::get()
+        .and(warp::any().map(Instant::now))
         .and(warp::path::full())
         .and(headers)
-        .and_then(crate::web::serve);
+        .and_then(
+            |started: Instant, path: warp::path::FullPath, headers| async move {
+                let route = format!("GET {}", path.as_str());
+                let resp = crate::web::serve(path, headers).await?;
+                log_request(&Method::GET, &route, resp.status(), started, None);
+                Ok::<_, Rejection>(resp)
+            },
+        );
 
     let login = warp::path!("api" / "auth" / "login")
         .and(warp::post())

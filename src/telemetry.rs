@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::Context;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing_subscriber::EnvFilter;
@@ -56,13 +56,74 @@ pub fn metrics_handle() -> Option<PrometheusHandle> {
             let latency_buckets = [
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
             ];
-            PrometheusBuilder::new()
+            let group_buckets = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+            let handle = PrometheusBuilder::new()
                 .set_buckets(&latency_buckets)
                 .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full("ordersync_write_group_size".into()),
+                    &group_buckets,
+                )
+                .ok()?
                 .install_recorder()
-                .ok()
+                .ok()?;
+            describe();
+            Some(handle)
         })
         .clone()
+}
+
+/// HELP lines of every metric (docs/operations.md lists them too).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "ordersync_http_requests_total",
+        "HTTP requests answered, by route and status"
+    );
+    describe_histogram!(
+        "ordersync_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time from request to response, by route"
+    );
+    describe_counter!(
+        "ordersync_events_appended_total",
+        "Events committed to the event log"
+    );
+    describe_histogram!(
+        "ordersync_write_transaction_seconds",
+        Unit::Seconds,
+        "Duration of each group-commit write transaction"
+    );
+    describe_histogram!(
+        "ordersync_write_group_size",
+        "Write requests committed together in one transaction"
+    );
+    describe_counter!(
+        "ordersync_write_failures_total",
+        "Write requests that failed (nothing committed; answered 503)"
+    );
+    describe_counter!(
+        "ordersync_events_delivered_total",
+        "Events sent to WebSocket clients (replay and live)"
+    );
+    describe_counter!(
+        "ordersync_ws_lag_catchups_total",
+        "Times a slow socket fell behind the live channel and re-read the log"
+    );
+    describe_counter!(
+        "ordersync_ws_resyncs_total",
+        "RESYNC_REQUIRED frames sent (since older than retention, ahead, or invalid)"
+    );
+    describe_gauge!("ordersync_ws_open_sockets", "Open WebSocket sessions");
+    describe_gauge!(
+        "ordersync_writer_queue_depth",
+        "Write requests waiting for the writer thread"
+    );
+    describe_gauge!(
+        "ordersync_database_bytes",
+        Unit::Bytes,
+        "Size of the database file plus its WAL"
+    );
 }
 
 /// Gauges sampled when /metrics is scraped.

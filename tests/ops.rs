@@ -295,8 +295,11 @@ async fn metrics_are_present_and_move_with_requests_events_and_sockets() {
     ] {
         assert!(sample(&after, name, &[]).is_some(), "{name} missing");
     }
-    // Every metric is documented: HELP/TYPE lines come from the exporter, not by hand.
+    // Group sizes have their own buckets (counts, not seconds).
+    assert!(sample(&after, "ordersync_write_group_size_bucket", &[("le", "1")]).is_some());
+    // HELP/TYPE lines come from the exporter, not by hand.
     assert!(after.contains("# TYPE ordersync_http_requests_total counter"));
+    assert!(after.contains("# HELP ordersync_events_appended_total "));
     drop(ws);
 }
 
@@ -448,6 +451,8 @@ async fn json_logs_have_one_line_per_request_and_never_contain_tokens_or_passwor
     let base = format!("http://{}", served.addr);
     let client = reqwest::Client::new();
 
+    let r = client.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     let r = client
         .post(format!("{base}/api/auth/login"))
         .json(&json!({"username": "alice", "password": wrong}))
@@ -544,7 +549,7 @@ async fn json_logs_have_one_line_per_request_and_never_contain_tokens_or_passwor
         .iter()
         .filter(|l| l["target"] == "ordersync::request")
         .collect();
-    assert!(requests.len() >= 8, "{text}");
+    assert!(requests.len() >= 9, "{text}");
     for r in &requests {
         for field in [
             "method",
@@ -575,6 +580,7 @@ async fn json_logs_have_one_line_per_request_and_never_contain_tokens_or_passwor
     assert!(me.iter().all(|r| r["user"] == user_id.as_str()));
     assert_eq!(find("POST /api/pending-orders", 200)[0]["method"], "POST");
     assert_eq!(find("GET /ws/realtime", 101).len(), 3, "{text}");
+    assert_eq!(find("GET /", 200).len(), 1, "{text}");
 
     // Socket lines: open with the user, close with a reason.
     let opened = lines

@@ -83,12 +83,7 @@ fn log_request(
     started: Instant,
     user: Option<&str>,
 ) {
-    let elapsed = started.elapsed();
-    let status_text = status.as_u16().to_string();
-    metrics::counter!("ordersync_http_requests_total", "route" => route.to_string(), "status" => status_text)
-        .increment(1);
-    metrics::histogram!("ordersync_http_request_duration_seconds", "route" => route.to_string())
-        .record(elapsed.as_secs_f64());
+    let elapsed = count_request(route, status, started);
     tracing::info!(
         target: "ordersync::request",
         method = %method,
@@ -98,6 +93,17 @@ fn log_request(
         user = user.unwrap_or("-"),
         "request"
     );
+}
+
+/// The request metrics (without the log line); returns the latency.
+fn count_request(route: &str, status: StatusCode, started: Instant) -> std::time::Duration {
+    let elapsed = started.elapsed();
+    let status_text = status.as_u16().to_string();
+    metrics::counter!("ordersync_http_requests_total", "route" => route.to_string(), "status" => status_text)
+        .increment(1);
+    metrics::histogram!("ordersync_http_request_duration_seconds", "route" => route.to_string())
+        .record(elapsed.as_secs_f64());
+    elapsed
 }
 
 /// The bearer token of a request (`Authorization: Bearer …`), if any.
@@ -230,7 +236,20 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infal
         .and(body)
         .and_then(lock_order);
 
-    let ws = crate::ws::route(app.clone());
+    // WebSocket handshakes: counted like every request; refusals (400, 403) are
+    // logged here, an accepted upgrade (101) by ws.rs.
+    let ws = warp::any()
+        .map(Instant::now)
+        .and(crate::ws::route(app.clone()))
+        .map(|started: Instant, resp: Response| {
+            const ROUTE: &str = "GET /ws/realtime";
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                count_request(ROUTE, resp.status(), started);
+            } else {
+                log_request(&Method::GET, ROUTE, resp.status(), started, None);
+            }
+            resp
+        });
 
     let api = login
         .or(logout)

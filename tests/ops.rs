@@ -243,9 +243,11 @@ async fn metrics_are_present_and_move_with_requests_events_and_sockets() {
     let (_, token) = app.user_with_token("alice").await;
     // Counters are process-wide (other tests share the recorder): compare deltas.
     let post = [("route", "POST /api/pending-orders"), ("status", "200")];
+    let upgrades = [("route", "GET /ws/realtime"), ("status", "101")];
     let before = scrape(&app.client, &url).await;
     let v0 = |name: &str, labels: &[(&str, &str)]| sample(&before, name, labels).unwrap_or(0.0);
     let requests0 = v0("ordersync_http_requests_total", &post);
+    let upgrades0 = v0("ordersync_http_requests_total", &upgrades);
     let appended0 = v0("ordersync_events_appended_total", &[]);
     let delivered0 = v0("ordersync_events_delivered_total", &[]);
     let latency0 = v0(
@@ -269,6 +271,7 @@ async fn metrics_are_present_and_move_with_requests_events_and_sockets() {
         sample(&after, name, labels).unwrap_or_else(|| panic!("{name} missing:\n{after}"))
     };
     assert!(v1("ordersync_http_requests_total", &post) >= requests0 + 3.0);
+    assert!(v1("ordersync_http_requests_total", &upgrades) >= upgrades0 + 1.0);
     assert!(v1("ordersync_events_appended_total", &[]) >= appended0 + 3.0);
     assert!(v1("ordersync_events_delivered_total", &[]) >= delivered0 + 3.0);
     assert!(v1("ordersync_ws_open_sockets", &[]) >= 1.0, "{after}");
@@ -515,6 +518,14 @@ async fn json_logs_have_one_line_per_request_and_never_contain_tokens_or_passwor
     let (ws2, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let mut ws2 = helpers::Ws { ws: ws2 };
     assert_eq!(ws2.next_json().await["type"], "CONNECTED");
+    // A page of a foreign origin is refused (403), and that is logged too.
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{}/ws/realtime?token={cli_token}", served.addr),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(req).await.is_err());
     // A bad token in the query string is not logged either.
     let bad = "os_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     let (bad_ws, _) =
@@ -549,7 +560,7 @@ async fn json_logs_have_one_line_per_request_and_never_contain_tokens_or_passwor
         .iter()
         .filter(|l| l["target"] == "ordersync::request")
         .collect();
-    assert!(requests.len() >= 9, "{text}");
+    assert!(requests.len() >= 10, "{text}");
     for r in &requests {
         for field in [
             "method",
@@ -581,6 +592,7 @@ async fn json_logs_have_one_line_per_request_and_never_contain_tokens_or_passwor
     assert_eq!(find("POST /api/pending-orders", 200)[0]["method"], "POST");
     assert_eq!(find("GET /ws/realtime", 101).len(), 3, "{text}");
     assert_eq!(find("GET /", 200).len(), 1, "{text}");
+    assert_eq!(find("GET /ws/realtime", 403).len(), 1, "{text}");
 
     // Socket lines: open with the user, close with a reason.
     let opened = lines

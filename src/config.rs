@@ -176,7 +176,7 @@ pub struct ServeArgs {
     pub ws_max_frame: usize,
 
     /// Live events buffered per user before a slow socket falls back to reading the log
-    #[arg(long, env = "ORDERSYNC_WS_BUFFER", default_value_t = 1024)]
+    #[arg(long, env = "ORDERSYNC_WS_BUFFER", default_value_t = 128)]
     pub ws_buffer: usize,
 
     /// Keep events this long (then RESYNC_REQUIRED for older `since`), e.g. 30d, 12h

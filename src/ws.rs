@@ -1,7 +1,7 @@
 //! `GET /ws/realtime`: the WebSocket session.
 //!
 //! We finish the upgrade ourselves (instead of warp's `ws()`) to configure
-//! tungstenite fully: a 4 KiB read buffer instead of the eager 128 KiB default,
+//! tungstenite fully: a 1 KiB read buffer instead of the eager 128 KiB default,
 //! a bounded write buffer, and small frame limits. That is what keeps an idle
 //! socket cheap and a socket that never reads bounded.
 //!
@@ -92,7 +92,7 @@ async fn upgrade(
         .or_else(|| crate::http::bearer(&headers))
         .map(str::to_string);
     let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(Some(app.cfg.ws_max_frame))

@@ -286,12 +286,23 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Infal
 
 /// Answers CORS preflights for allowed origins (other requests fall through).
 fn cors_preflight(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    warp::method().and(warp::header::headers_cloned()).and_then(
-        move |method: Method, headers: HeaderMap| {
+    // Not `warp::options()`: its rejection would turn every 404 into a 405.
+    let only_options = warp::method()
+        .and_then(|m: Method| async move {
+            if m == Method::OPTIONS {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one();
+    only_options
+        .and(warp::header::headers_cloned())
+        .and_then(move |headers: HeaderMap| {
             let app = app.clone();
             async move {
                 let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-                match crate::cors::is_preflight(&method, &headers)
+                match crate::cors::is_preflight(&Method::OPTIONS, &headers)
                     .then(|| crate::cors::preflight(&app.cfg.cors_origin, origin))
                     .flatten()
                 {
@@ -299,8 +310,7 @@ fn cors_preflight(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = R
                     None => Err(warp::reject::not_found()),
                 }
             }
-        },
-    )
+        })
 }
 
 /// Adds `Access-Control-Allow-Origin` for allowed origins.
@@ -308,11 +318,14 @@ fn with_cors(
     inner: impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
     origins: Arc<Vec<String>>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
-    warp::header::headers_cloned()
+    warp::header::optional::<String>("origin")
+        .or(warp::any().map(|| None))
+        .unify()
         .and(inner)
-        .map(move |headers: HeaderMap, mut resp: Response| {
-            let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-            crate::cors::add_headers(&origins, origin, &mut resp);
+        .map(move |origin: Option<String>, mut resp: Response| {
+            if !origins.is_empty() {
+                crate::cors::add_headers(&origins, origin.as_deref(), &mut resp);
+            }
             resp
         })
 }

@@ -4,7 +4,7 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = ordersync::config::Cli::parse();
-    ordersync::telemetry::init_logging(&cli.log_level, cli.log_format);
+    let _log = ordersync::telemetry::init_logging(&cli.log_level, cli.log_format);
     match ordersync::cli::dispatch(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

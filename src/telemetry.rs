@@ -27,13 +27,22 @@ use crate::App;
 
 /// Installs the log subscriber: level from `RUST_LOG`, else `level`. Logs go to
 /// stderr so stdout stays for command output (tokens, tables).
-pub fn init_logging(level: &str, format: LogFormat) {
+///
+/// Lines are written by a background thread (`tracing_appender::non_blocking`),
+/// so a request never waits for a `write(2)` to stderr. Keep the returned guard
+/// alive until exit: dropping it flushes the remaining lines.
+#[must_use = "dropping the guard stops (and flushes) the log writer"]
+pub fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        // Under a flood, block rather than drop lines: the log is part of the contract.
+        .lossy(false)
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -45,6 +54,7 @@ pub fn init_logging(level: &str, format: LogFormat) {
             .flatten_event(true)
             .try_init(),
     };
+    guard
 }
 
 /// The process-wide metrics recorder (installed once, shared by every server in

@@ -265,6 +265,13 @@ async fn metrics_are_present_and_move_with_requests_events_and_sockets() {
     for _ in 0..3 {
         assert_eq!(ws.next_json().await["type"], "PENDING_CREATED");
     }
+    // The session counts a delivery after its send completes; it answers a ping
+    // only after that, in the same task.
+    ws.send_text("ping").await;
+    match ws.next_within(Duration::from_secs(5)).await {
+        Next::Text(t) => assert_eq!(t, "pong"),
+        other => panic!("expected pong, got {other:?}"),
+    }
 
     let after = scrape(&app.client, &url).await;
     let v1 = |name: &str, labels: &[(&str, &str)]| {

@@ -143,6 +143,13 @@ fn run_syncer(rx: std_mpsc::Receiver<SyncMsg>, hub: Arc<Hub>, wal: Option<File>)
         for msg in batch {
             match msg {
                 SyncMsg::Group(g) => {
+                    // Counted before anyone can see the events or the acks, so a
+                    // scrape after an acknowledged write includes it.
+                    metrics::histogram!("ordersync_write_transaction_seconds")
+                        .record(g.started.elapsed().as_secs_f64());
+                    metrics::histogram!("ordersync_write_group_size").record(g.size as f64);
+                    metrics::counter!("ordersync_events_appended_total")
+                        .increment(g.events.len() as u64);
                     // Committed and visible either way: publish so streams stay gapless.
                     hub.publish(&g.events);
                     for done in g.completions {
@@ -151,11 +158,6 @@ fn run_syncer(rx: std_mpsc::Receiver<SyncMsg>, hub: Arc<Hub>, wal: Option<File>)
                             Err(e) => Err(clone_err(e)),
                         });
                     }
-                    metrics::histogram!("ordersync_write_transaction_seconds")
-                        .record(g.started.elapsed().as_secs_f64());
-                    metrics::histogram!("ordersync_write_group_size").record(g.size as f64);
-                    metrics::counter!("ordersync_events_appended_total")
-                        .increment(g.events.len() as u64);
                 }
                 SyncMsg::Barrier(reply) => {
                     let _ = reply.send(());

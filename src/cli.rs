@@ -23,13 +23,18 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         None => serve(&db, cli.serve, false),
         Some(Command::Serve(args)) => serve(&db, args, false),
-        Some(Command::Demo(args)) => {
-            let db = match cli.db {
-                Some(p) => p,
-                None => demo_db_path()?,
-            };
-            serve(&db, args, true)
-        }
+        Some(Command::Demo(args)) => match cli.db {
+            Some(db) => serve(&db, args, true),
+            None => {
+                // A fresh database, removed again when the demo stops.
+                let db = demo_db_path()?;
+                let result = serve(&db, args, true);
+                if let Some(dir) = db.parent() {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                result
+            }
+        },
         Some(Command::User(cmd)) => user(&db, cmd),
         Some(Command::Token(cmd)) => token(&db, cmd),
         Some(Command::Backup { path, force }) => backup(&db, &path, force),

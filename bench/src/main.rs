@@ -436,6 +436,13 @@ async fn run(cli: Cli) -> Result<bool> {
     scenarios::init_users(1_000_000 + util::random_u64()? % 1_000_000_000);
 
     let started = chrono::Utc::now();
+    let load_at_start = util::loadavg();
+    if let Some(l) = load_at_start.filter(|l| *l >= 1.0) {
+        eprintln!(
+            "bench: warning: load average is {l:.2} before starting: other work on this machine \
+             will lower the figures (see \"other processes CPU\" in the results)"
+        );
+    }
     let mut reports = Vec::new();
     for sc in &list {
         reports.push(run_scenario(*sc, &target, &p, rounds).await);
@@ -451,6 +458,7 @@ async fn run(cli: Cli) -> Result<bool> {
         "rounds": rounds,
         "quick": cli.quick,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "loadAverageAtStart": load_at_start,
         "params": p,
     });
     if cli.json {

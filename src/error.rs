@@ -136,6 +136,15 @@ impl AppError {
                 secs.parse().expect("digits are a header value"),
             );
         }
+        if let AppError::PayloadTooLarge(_) = &self {
+            // The rest of the body is not read, so the connection cannot carry
+            // another request: say so, or a keep-alive client reuses it and its
+            // next request fails (found by tests/props.rs).
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
         resp
     }
 }

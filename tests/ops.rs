@@ -265,15 +265,18 @@ async fn metrics_are_present_and_move_with_requests_events_and_sockets() {
     for _ in 0..3 {
         assert_eq!(ws.next_json().await["type"], "PENDING_CREATED");
     }
-    // The session counts a delivery after its send completes; it answers a ping
-    // only after that, in the same task.
-    ws.send_text("ping").await;
-    match ws.next_within(Duration::from_secs(5)).await {
-        Next::Text(t) => assert_eq!(t, "pong"),
-        other => panic!("expected pong, got {other:?}"),
+    // Counters are bumped around the acks and sends they count, on other threads
+    // and tasks: wait (bounded) until the scrape has caught up.
+    let moved = |t: &str| {
+        sample(t, "ordersync_events_appended_total", &[]).unwrap_or(0.0) >= appended0 + 3.0
+            && sample(t, "ordersync_events_delivered_total", &[]).unwrap_or(0.0) >= delivered0 + 3.0
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = scrape(&app.client, &url).await;
+    while !moved(&after) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        after = scrape(&app.client, &url).await;
     }
-
-    let after = scrape(&app.client, &url).await;
     let v1 = |name: &str, labels: &[(&str, &str)]| {
         sample(&after, name, labels).unwrap_or_else(|| panic!("{name} missing:\n{after}"))
     };
@@ -324,6 +327,7 @@ async fn metrics_false_answers_404() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["success"], false);
+    app.stop().await;
 }
 
 // ---------------------------------------------------------------- health, shutdown
@@ -674,4 +678,5 @@ async fn behind_a_trusted_proxy_failed_logins_are_limited_per_real_client() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    app.stop().await;
 }

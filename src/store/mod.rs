@@ -102,7 +102,15 @@ impl Store {
             SyncMode::Normal => None,
         };
         let (jobs, rx) = mpsc::channel(4096);
-        writer::spawn(conn, rx, hub.clone(), opts.max_group.max(1), wal)?;
+        writer::spawn(
+            conn,
+            &jobs,
+            rx,
+            hub.clone(),
+            opts.max_group.max(1),
+            wal,
+            path.to_path_buf(),
+        )?;
         Ok(Store {
             inner: Arc::new(Inner {
                 id: {

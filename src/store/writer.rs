@@ -10,13 +10,21 @@
 //! `--sync full` a second thread, the *syncer*, `fdatasync`s the WAL after each
 //! commit. Only then are the group's events published to the hub (in seq order)
 //! and its requests acknowledged. Meanwhile the writer already executes the next
-//! group, so one fsync covers every group committed while the previous one ran.
-//! An acknowledged write is thus exactly as durable as with `synchronous=FULL`.
+//! group. While the syncer is busy the writer keeps the group's transaction open
+//! and adds every job that arrives, committing when the syncer is free: the
+//! commit could not be synced earlier anyway, and fewer, larger commits write far
+//! fewer WAL pages. An acknowledged write is exactly as durable as with
+//! `synchronous=FULL`.
+//!
+//! Checkpoints (copying the WAL into the database file, with their fsyncs) run
+//! on a third thread with its own connection, so they never stall the writer.
 
 use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -35,6 +43,8 @@ pub enum Msg {
     Job(Job),
     /// Finish queued jobs, checkpoint, stop; reply when done.
     Close(oneshot::Sender<()>),
+    /// From the syncer: it has nothing left to sync, so commit the open group now.
+    SyncerIdle,
 }
 
 /// What a write job sees: the connection (inside a transaction) and the event log.
@@ -105,33 +115,81 @@ enum SyncMsg {
     Barrier(oneshot::Sender<()>),
 }
 
-/// Starts the writer and syncer threads. `wal` is the open WAL file to
-/// `fdatasync` after each commit (`None` with `--sync normal`).
+/// Starts the writer, syncer and checkpointer threads. `wal` is the open WAL
+/// file to `fdatasync` after each commit (`None` with `--sync normal`).
 pub fn spawn(
     conn: Connection,
+    jobs: &mpsc::Sender<Msg>,
     rx: mpsc::Receiver<Msg>,
     hub: Arc<Hub>,
     max_group: usize,
     wal: Option<File>,
+    db: PathBuf,
 ) -> std::io::Result<()> {
     let (sync_tx, sync_rx) = std_mpsc::channel();
+    let (stop_checkpoints, stopped) = std_mpsc::channel::<()>();
+    let busy = Arc::new(AtomicBool::new(false));
+    let pipelined = wal.is_some();
+    let syncer = Syncer {
+        rx: sync_rx,
+        hub,
+        wal,
+        busy: busy.clone(),
+        writer: jobs.downgrade(),
+    };
     std::thread::Builder::new()
         .name("ordersync-syncer".into())
-        .spawn(move || run_syncer(sync_rx, hub, wal))?;
+        .spawn(move || syncer.run())?;
+    std::thread::Builder::new()
+        .name("ordersync-ckpt".into())
+        .spawn(move || run_checkpointer(db, stopped))?;
+    let writer = Writer {
+        conn,
+        rx,
+        sync: sync_tx,
+        busy: pipelined.then_some(busy),
+        max_group,
+        _stop_checkpoints: stop_checkpoints,
+    };
     std::thread::Builder::new()
         .name("ordersync-writer".into())
-        .spawn(move || run(conn, rx, sync_tx, max_group))?;
+        .spawn(move || writer.run())?;
     Ok(())
 }
 
-/// Makes committed groups durable, then publishes their events and answers
-/// their callers, strictly in commit order.
-fn run_syncer(rx: std_mpsc::Receiver<SyncMsg>, hub: Arc<Hub>, wal: Option<File>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        batch.extend(rx.try_iter());
+struct Syncer {
+    rx: std_mpsc::Receiver<SyncMsg>,
+    hub: Arc<Hub>,
+    wal: Option<File>,
+    /// Set by the writer when it hands over a group, cleared here when idle.
+    busy: Arc<AtomicBool>,
+    /// To wake the writer when idle; weak so it never keeps the writer alive.
+    writer: mpsc::WeakSender<Msg>,
+}
+
+impl Syncer {
+    /// Makes committed groups durable, then publishes their events and answers
+    /// their callers, strictly in commit order.
+    fn run(self) {
+        while let Ok(first) = self.rx.recv() {
+            let mut batch = vec![first];
+            batch.extend(self.rx.try_iter());
+            self.settle(batch);
+            if let Ok(more) = self.rx.try_recv() {
+                self.settle(vec![more]);
+                continue;
+            }
+            self.busy.store(false, Ordering::SeqCst);
+            if let Some(w) = self.writer.upgrade() {
+                // A full queue means the writer is busy anyway.
+                let _ = w.try_send(Msg::SyncerIdle);
+            }
+        }
+    }
+
+    fn settle(&self, batch: Vec<SyncMsg>) {
         let has_groups = batch.iter().any(|m| matches!(m, SyncMsg::Group(_)));
-        let synced = match (&wal, has_groups) {
+        let synced = match (&self.wal, has_groups) {
             (Some(f), true) => f.sync_data().map_err(|e| {
                 tracing::error!(error = %e, "fdatasync of the WAL failed");
                 AppError::Unavailable(format!(
@@ -143,21 +201,19 @@ fn run_syncer(rx: std_mpsc::Receiver<SyncMsg>, hub: Arc<Hub>, wal: Option<File>)
         for msg in batch {
             match msg {
                 SyncMsg::Group(g) => {
-                    // Counted before anyone can see the events or the acks, so a
-                    // scrape after an acknowledged write includes it.
-                    metrics::histogram!("ordersync_write_transaction_seconds")
-                        .record(g.started.elapsed().as_secs_f64());
-                    metrics::histogram!("ordersync_write_group_size").record(g.size as f64);
-                    metrics::counter!("ordersync_events_appended_total")
-                        .increment(g.events.len() as u64);
                     // Committed and visible either way: publish so streams stay gapless.
-                    hub.publish(&g.events);
+                    self.hub.publish(&g.events);
                     for done in g.completions {
                         done(match &synced {
                             Ok(()) => Ok(()),
                             Err(e) => Err(clone_err(e)),
                         });
                     }
+                    metrics::histogram!("ordersync_write_transaction_seconds")
+                        .record(g.started.elapsed().as_secs_f64());
+                    metrics::histogram!("ordersync_write_group_size").record(g.size as f64);
+                    metrics::counter!("ordersync_events_appended_total")
+                        .increment(g.events.len() as u64);
                 }
                 SyncMsg::Barrier(reply) => {
                     let _ = reply.send(());
@@ -167,133 +223,217 @@ fn run_syncer(rx: std_mpsc::Receiver<SyncMsg>, hub: Arc<Hub>, wal: Option<File>)
     }
 }
 
-fn run(
-    conn: Connection,
-    mut rx: mpsc::Receiver<Msg>,
-    sync: std_mpsc::Sender<SyncMsg>,
-    max_group: usize,
-) {
-    let mut close_reply = None;
-    let mut group: Vec<Job> = Vec::with_capacity(max_group);
-    while close_reply.is_none() {
-        match rx.blocking_recv() {
-            Some(Msg::Job(job)) => group.push(job),
-            Some(Msg::Close(reply)) => close_reply = Some(reply),
-            None => break,
+/// PASSIVE checkpoints every second from a separate connection: they never
+/// block the writer (WAL), and the writer restarts the WAL after them.
+fn run_checkpointer(db: PathBuf, stop: std_mpsc::Receiver<()>) {
+    let conn = match Connection::open(&db) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "checkpointer cannot open the database; the writer checkpoints instead");
+            return;
         }
-        while close_reply.is_none() && group.len() < max_group {
-            match rx.try_recv() {
-                Ok(Msg::Job(job)) => group.push(job),
-                Ok(Msg::Close(reply)) => close_reply = Some(reply),
-                Err(_) => break,
-            }
+    };
+    let _ = conn.busy_timeout(Duration::from_secs(1));
+    let _ = conn.execute_batch("PRAGMA synchronous = NORMAL;");
+    while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(Duration::from_secs(1)) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "checkpoint skipped");
         }
-        if !group.is_empty() {
-            if let Some(committed) = commit_group(&conn, std::mem::take(&mut group)) {
-                let _ = sync.send(SyncMsg::Group(committed));
-            }
-        }
-    }
-    // Jobs queued after Close are dropped: their callers get "shutting down" (503).
-    rx.close();
-    let (tx, settled) = oneshot::channel();
-    if sync.send(SyncMsg::Barrier(tx)).is_ok() {
-        let _ = settled.blocking_recv();
-    }
-    if let Err(e) = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
-        tracing::warn!(error = %e, "final WAL checkpoint failed; the WAL will be replayed on next open");
-    }
-    drop(conn);
-    tracing::debug!("writer stopped");
-    if let Some(reply) = close_reply {
-        let _ = reply.send(());
     }
 }
 
-/// Runs a group in one transaction. Returns it committed (not yet durable), or
-/// `None` after answering every job of a group that could not commit.
-fn commit_group(conn: &Connection, group: Vec<Job>) -> Option<Committed> {
-    let started = Instant::now();
-    let size = group.len();
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        let e = AppError::from(e);
-        tracing::warn!(error = %e, jobs = size, "cannot begin a write transaction");
-        fail_all(group, &e);
-        return None;
-    }
-    let mut events = Vec::new();
-    let mut completions: Vec<Completion> = Vec::with_capacity(size);
-    let mut jobs = group.into_iter();
-    let mut lost: Option<AppError> = None;
-    for job in jobs.by_ref() {
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-            lost = Some(e.into());
-            completions.push(job(None).1);
-            break;
+struct Writer {
+    conn: Connection,
+    rx: mpsc::Receiver<Msg>,
+    sync: std_mpsc::Sender<SyncMsg>,
+    /// With `--sync full`: whether the syncer is busy (then keep the group open).
+    busy: Option<Arc<AtomicBool>>,
+    max_group: usize,
+    /// Dropped when the writer stops, which stops the checkpointer.
+    _stop_checkpoints: std_mpsc::Sender<()>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        // Checkpoints are the checkpointer thread's job; this is only a backstop
+        // in case it cannot keep up (40 MB of WAL).
+        let _ = self
+            .conn
+            .execute_batch("PRAGMA wal_autocheckpoint = 10000;");
+        let mut close_reply = None;
+        while close_reply.is_none() {
+            let first = match self.rx.blocking_recv() {
+                Some(Msg::Job(job)) => job,
+                Some(Msg::Close(reply)) => {
+                    close_reply = Some(reply);
+                    break;
+                }
+                Some(Msg::SyncerIdle) => continue,
+                None => break,
+            };
+            let mut group = match Group::begin(&self.conn) {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot begin a write transaction");
+                    let (_, done) = first(None);
+                    done(Err(e));
+                    continue;
+                }
+            };
+            group.run(first);
+            loop {
+                while group.size < self.max_group && close_reply.is_none() {
+                    match self.rx.try_recv() {
+                        Ok(Msg::Job(job)) => group.run(job),
+                        Ok(Msg::Close(reply)) => close_reply = Some(reply),
+                        Ok(Msg::SyncerIdle) => {}
+                        Err(_) => break,
+                    }
+                }
+                let syncer_busy = self.busy.as_ref().is_some_and(|b| b.load(Ordering::SeqCst));
+                if !syncer_busy
+                    || close_reply.is_some()
+                    || group.size >= self.max_group
+                    || group.lost.is_some()
+                {
+                    break;
+                }
+                // The syncer is still busy: this group could not be synced yet
+                // anyway, so wait for more jobs (or for the syncer) to join it.
+                match self.rx.blocking_recv() {
+                    Some(Msg::Job(job)) => group.run(job),
+                    Some(Msg::Close(reply)) => close_reply = Some(reply),
+                    Some(Msg::SyncerIdle) => {}
+                    None => break,
+                }
+            }
+            if let Some(committed) = group.finish() {
+                if let Some(b) = &self.busy {
+                    b.store(true, Ordering::SeqCst);
+                }
+                let _ = self.sync.send(SyncMsg::Group(committed));
+            }
         }
-        let mark = events.len();
-        let mut wtx = WriteTx {
+        // Jobs queued after Close are dropped: their callers get "shutting down" (503).
+        self.rx.close();
+        let (tx, settled) = oneshot::channel();
+        if self.sync.send(SyncMsg::Barrier(tx)).is_ok() {
+            let _ = settled.blocking_recv();
+        }
+        drop(self._stop_checkpoints);
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+            tracing::warn!(error = %e, "final WAL checkpoint failed; the WAL will be replayed on next open");
+        }
+        drop(self.conn);
+        tracing::debug!("writer stopped");
+        if let Some(reply) = close_reply {
+            let _ = reply.send(());
+        }
+    }
+}
+
+/// One open write transaction and the jobs run in it so far.
+struct Group<'c> {
+    conn: &'c Connection,
+    events: Vec<Event>,
+    completions: Vec<Completion>,
+    started: Instant,
+    size: usize,
+    /// Set when the transaction can no longer commit; later jobs fail at once.
+    lost: Option<AppError>,
+}
+
+impl<'c> Group<'c> {
+    fn begin(conn: &'c Connection) -> Result<Self, AppError> {
+        exec_cached(conn, "BEGIN IMMEDIATE")?;
+        Ok(Group {
             conn,
-            events: &mut events,
+            events: Vec::new(),
+            completions: Vec::new(),
+            started: Instant::now(),
+            size: 0,
+            lost: None,
+        })
+    }
+
+    /// Runs one job inside its own savepoint.
+    fn run(&mut self, job: Job) {
+        self.size += 1;
+        if let Some(e) = &self.lost {
+            let (_, done) = job(None);
+            done(Err(clone_err(e)));
+            return;
+        }
+        if let Err(e) = exec_cached(self.conn, "SAVEPOINT job") {
+            let (_, done) = job(None);
+            done(Err(AppError::from(e)));
+            return;
+        }
+        let mark = self.events.len();
+        let mut wtx = WriteTx {
+            conn: self.conn,
+            events: &mut self.events,
             now: now_ms(),
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| job(Some(&mut wtx))));
         let ok = matches!(outcome, Ok((true, _)));
         match outcome {
-            Ok((_, done)) => completions.push(done),
+            Ok((_, done)) => self.completions.push(done),
             // The job's reply channel is gone with it: its caller gets a 503.
             Err(_) => tracing::error!("a write job panicked; its savepoint is rolled back"),
         }
-        if conn.is_autocommit() {
+        if self.conn.is_autocommit() {
             // SQLite rolled the whole transaction back (disk full, I/O error …):
-            // nothing of this group is committed; fail every job of it.
-            lost = Some(AppError::Unavailable(
-                "the database rejected the write (disk full or I/O error); nothing was saved; retry later".into(),
+            // nothing of this group is committed; every job of it fails.
+            self.lost = Some(AppError::Unavailable(
+                "the database rejected the write (disk full or I/O error); nothing was saved; retry later"
+                    .into(),
             ));
-            break;
+            return;
         }
         let settle = if ok {
-            conn.execute_batch("RELEASE job")
+            exec_cached(self.conn, "RELEASE job")
         } else {
-            events.truncate(mark);
-            conn.execute_batch("ROLLBACK TO job; RELEASE job")
+            self.events.truncate(mark);
+            exec_cached(self.conn, "ROLLBACK TO job")
+                .and_then(|()| exec_cached(self.conn, "RELEASE job"))
         };
         if let Err(e) = settle {
-            lost = Some(e.into());
-            break;
+            self.lost = Some(e.into());
         }
     }
-    if lost.is_none() {
-        if let Err(e) = conn.execute_batch("COMMIT") {
-            lost = Some(e.into());
+
+    /// Commits. Returns the committed group, or `None` after answering every
+    /// job with the error if the transaction could not commit.
+    fn finish(mut self) -> Option<Committed> {
+        if self.lost.is_none() {
+            if let Err(e) = exec_cached(self.conn, "COMMIT") {
+                self.lost = Some(e.into());
+            }
         }
+        if let Some(err) = self.lost {
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+            tracing::warn!(error = %err, jobs = self.size, "write transaction failed; nothing committed");
+            for done in self.completions {
+                done(Err(clone_err(&err)));
+            }
+            metrics::counter!("ordersync_write_failures_total").increment(self.size as u64);
+            return None;
+        }
+        Some(Committed {
+            events: self.events,
+            completions: self.completions,
+            started: self.started,
+            size: self.size,
+        })
     }
-    if let Some(err) = lost {
-        if !conn.is_autocommit() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        tracing::warn!(error = %err, jobs = size, "write transaction failed; nothing committed");
-        for done in completions {
-            done(Err(clone_err(&err)));
-        }
-        fail_all(jobs.collect(), &err);
-        metrics::counter!("ordersync_write_failures_total").increment(size as u64);
-        return None;
-    }
-    Some(Committed {
-        events,
-        completions,
-        started,
-        size,
-    })
 }
 
-/// Answers jobs that never ran with `err`, without running them.
-fn fail_all(jobs: Vec<Job>, err: &AppError) {
-    for job in jobs {
-        let (_, done) = job(None);
-        done(Err(clone_err(err)));
-    }
+/// Transaction-control statements run per job: prepared once, not parsed each time.
+fn exec_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
 }
 
 fn clone_err(e: &AppError) -> AppError {

@@ -135,6 +135,55 @@ pub fn list(
     })
 }
 
+/// Both statements bind the same parameters: ?1 user, ?2 id, ?3..?19 content, ?20 now.
+const UPDATE_ORDER: &str = "UPDATE pending_orders SET customer_id = ?3, customer_name = ?4,
+      device_id = ?5, status = ?6, items = ?7, discount_percent = ?8,
+      target_total_with_vat = ?9, shipping_cost = ?10, shipping_tax = ?11, no_shipping = ?12,
+      notes = ?13, origin_draft_id = ?14, sub_client_codice = ?15, sub_client_name = ?16,
+      sub_client_data = ?17, delivery_address_id = ?18, idempotency_key = ?19,
+      version = version + 1, updated_at = ?20
+    WHERE user_id = ?1 AND id = ?2";
+const INSERT_ORDER: &str = "INSERT INTO pending_orders (user_id, id, customer_id, customer_name,
+      device_id, status, items, discount_percent, target_total_with_vat, shipping_cost,
+      shipping_tax, no_shipping, notes, origin_draft_id, sub_client_codice, sub_client_name,
+      sub_client_data, delivery_address_id, idempotency_key, is_locked, version, created_at,
+      updated_at)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
+      0, 1, ?20, ?20)";
+
+fn store_order(
+    conn: &Connection,
+    sql: &str,
+    user_id: &str,
+    id: &str,
+    c: &OrderContent,
+    now: i64,
+) -> Result<(), AppError> {
+    conn.prepare_cached(sql)?.execute(params![
+        user_id,
+        id,
+        c.customer_id,
+        c.customer_name,
+        c.device_id,
+        c.status,
+        c.items,
+        c.discount_percent,
+        c.target_total_with_vat,
+        c.shipping_cost,
+        c.shipping_tax,
+        c.no_shipping,
+        c.notes,
+        c.origin_draft_id,
+        c.sub_client_codice,
+        c.sub_client_name,
+        c.sub_client_data,
+        c.delivery_address_id,
+        c.idempotency_key,
+        now,
+    ])?;
+    Ok(())
+}
+
 /// One item of the batch reply.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -187,39 +236,7 @@ pub fn upsert(
                 current: None,
             }),
             Some((_, version, _)) => {
-                tx.conn()
-                    .prepare_cached(
-                        "UPDATE pending_orders SET customer_id = ?3, customer_name = ?4,
-                           device_id = ?5, status = ?6, items = ?7, discount_percent = ?8,
-                           target_total_with_vat = ?9, shipping_cost = ?10, shipping_tax = ?11,
-                           no_shipping = ?12, notes = ?13, origin_draft_id = ?14,
-                           sub_client_codice = ?15, sub_client_name = ?16, sub_client_data = ?17,
-                           delivery_address_id = ?18, idempotency_key = ?19,
-                           version = version + 1, updated_at = ?20
-                         WHERE user_id = ?1 AND id = ?2",
-                    )?
-                    .execute(params![
-                        user_id,
-                        input.id,
-                        c.customer_id,
-                        c.customer_name,
-                        c.device_id,
-                        c.status,
-                        c.items,
-                        c.discount_percent,
-                        c.target_total_with_vat,
-                        c.shipping_cost,
-                        c.shipping_tax,
-                        c.no_shipping,
-                        c.notes,
-                        c.origin_draft_id,
-                        c.sub_client_codice,
-                        c.sub_client_name,
-                        c.sub_client_data,
-                        c.delivery_address_id,
-                        c.idempotency_key,
-                        now,
-                    ])?;
+                store_order(tx.conn(), UPDATE_ORDER, user_id, &input.id, c, now)?;
                 updated.push(input.id.clone());
                 results.push(UpsertResult {
                     id: input.id.clone(),
@@ -230,39 +247,7 @@ pub fn upsert(
                 });
             }
             None => {
-                tx.conn()
-                    .prepare_cached(
-                        "INSERT INTO pending_orders (user_id, id, customer_id, customer_name,
-                           device_id, status, items, discount_percent, target_total_with_vat,
-                           shipping_cost, shipping_tax, no_shipping, notes, origin_draft_id,
-                           sub_client_codice, sub_client_name, sub_client_data,
-                           delivery_address_id, idempotency_key, is_locked, version,
-                           created_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14,
-                           ?15, ?16, ?17, ?18, ?19, 0, 1, ?20, ?20)",
-                    )?
-                    .execute(params![
-                        user_id,
-                        input.id,
-                        c.customer_id,
-                        c.customer_name,
-                        c.device_id,
-                        c.status,
-                        c.items,
-                        c.discount_percent,
-                        c.target_total_with_vat,
-                        c.shipping_cost,
-                        c.shipping_tax,
-                        c.no_shipping,
-                        c.notes,
-                        c.origin_draft_id,
-                        c.sub_client_codice,
-                        c.sub_client_name,
-                        c.sub_client_data,
-                        c.delivery_address_id,
-                        c.idempotency_key,
-                        now,
-                    ])?;
+                store_order(tx.conn(), INSERT_ORDER, user_id, &input.id, c, now)?;
                 created.push(input.id.clone());
                 results.push(UpsertResult {
                     id: input.id.clone(),

@@ -219,8 +219,8 @@ pub struct ServeArgs {
     #[arg(long, env = "ORDERSYNC_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
     pub metrics: bool,
 
-    /// Serve /metrics, /healthz and /readyz on this separate address (e.g. 127.0.0.1:9090)
-    /// instead of the main listener; it keeps answering until shutdown completes
+    /// Also serve /healthz and /readyz, and serve /metrics only, on this separate address
+    /// (e.g. 127.0.0.1:9464); it keeps answering until shutdown completes
     #[arg(long, env = "ORDERSYNC_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 

@@ -109,7 +109,7 @@ async fn database_full_gives_503_writes_nothing_publishes_nothing_then_recovers(
 }
 
 #[tokio::test]
-async fn a_full_database_fails_only_the_requests_that_do_not_fit() {
+async fn a_full_database_fails_whole_requests_never_half_of_one() {
     // Small writes concurrent with huge ones on a full database: every request
     // gets either 200 (and is then fully there) or 503 (and is fully absent).
     let app = spawn_app().await;

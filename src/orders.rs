@@ -4,6 +4,7 @@
 //! (`orders[2].items[0].quantity`) so a client can point at the right input.
 
 use std::collections::HashSet;
+use std::fmt;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -30,11 +31,36 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(path: impl fmt::Display, message: impl Into<String>) -> Self {
         FieldError {
-            path: path.into(),
+            path: path.to_string(),
             message: message.into(),
         }
+    }
+}
+
+/// A field path rendered only when an error is reported (parsing valid input
+/// allocates no path strings): `base.name`.
+struct Field<'a> {
+    base: &'a dyn fmt::Display,
+    name: &'a str,
+}
+
+impl fmt::Display for Field<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.base, self.name)
+    }
+}
+
+/// `base[index]`, rendered lazily like [`Field`].
+struct Index<'a> {
+    base: &'a dyn fmt::Display,
+    index: usize,
+}
+
+impl fmt::Display for Index<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.base, self.index)
     }
 }
 
@@ -156,7 +182,7 @@ pub fn parse_batch(body: &Value, limits: Limits) -> Result<UpsertBatch, Vec<Fiel
     }
     let body_device = match obj.get("deviceId") {
         None | Some(Value::Null) => None,
-        Some(v) => required_string(v, "deviceId", MAX_ID_CHARS, &mut errors),
+        Some(v) => required_string(v, &"deviceId", MAX_ID_CHARS, &mut errors),
     };
     let orders = match obj.get("orders") {
         Some(Value::Array(a)) => a,
@@ -182,7 +208,10 @@ pub fn parse_batch(body: &Value, limits: Limits) -> Result<UpsertBatch, Vec<Fiel
     let mut parsed = Vec::with_capacity(orders.len());
     let mut seen = HashSet::with_capacity(orders.len());
     for (i, o) in orders.iter().enumerate() {
-        let path = format!("orders[{i}]");
+        let path = Index {
+            base: &"orders",
+            index: i,
+        };
         if let Some(input) = parse_order(o, &path, limits, &mut errors) {
             if !seen.insert(input.id.clone()) {
                 errors.push(FieldError::new(
@@ -206,7 +235,7 @@ pub fn parse_batch(body: &Value, limits: Limits) -> Result<UpsertBatch, Vec<Fiel
 /// Parses one order at `path`; pushes every problem found into `errors`.
 pub fn parse_order(
     v: &Value,
-    path: &str,
+    path: &dyn fmt::Display,
     limits: Limits,
     errors: &mut Vec<FieldError>,
 ) -> Option<OrderInput> {
@@ -220,7 +249,7 @@ pub fn parse_order(
             errors.push(FieldError::new(format!("{path}.{key}"), "unknown field"));
         }
     }
-    let p = |f: &str| format!("{path}.{f}");
+    let p = |name: &'static str| Field { base: path, name };
     let field = |name: &str| -> Option<&Value> { obj.get(name).filter(|v| !v.is_null()) };
 
     let id = match field("id") {
@@ -230,14 +259,16 @@ pub fn parse_order(
             None
         }
     };
-    let required =
-        |name: &str, errors: &mut Vec<FieldError>| match obj.get(name).filter(|v| !v.is_null()) {
-            Some(v) => required_string(v, &p(name), MAX_TEXT_CHARS, errors),
-            None => {
-                errors.push(FieldError::new(p(name), "is required"));
-                None
-            }
-        };
+    let required = |name: &'static str, errors: &mut Vec<FieldError>| match obj
+        .get(name)
+        .filter(|v| !v.is_null())
+    {
+        Some(v) => required_string(v, &p(name), MAX_TEXT_CHARS, errors),
+        None => {
+            errors.push(FieldError::new(p(name), "is required"));
+            None
+        }
+    };
     let customer_id = required("customerId", errors);
     let customer_name = required("customerName", errors);
     let device_id = required("deviceId", errors);
@@ -412,7 +443,11 @@ pub fn parse_order(
 
 /// Order ids: 1..=128 visible characters (no whitespace or control characters),
 /// and no `,` because `GET ?ids=a,b` separates ids with commas.
-pub fn parse_id(v: &Value, path: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+pub fn parse_id(
+    v: &Value,
+    path: &dyn fmt::Display,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
     let Value::String(s) = v else {
         errors.push(FieldError::new(path, "must be a string"));
         return None;
@@ -442,7 +477,7 @@ pub fn check_id(s: &str) -> Result<(), String> {
 
 fn required_string(
     v: &Value,
-    path: &str,
+    path: &dyn fmt::Display,
     max: usize,
     errors: &mut Vec<FieldError>,
 ) -> Option<String> {
@@ -468,7 +503,7 @@ fn required_string(
 
 fn opt_string(
     v: Option<&Value>,
-    path: &str,
+    path: &dyn fmt::Display,
     max: usize,
     errors: &mut Vec<FieldError>,
 ) -> Option<String> {
@@ -491,7 +526,7 @@ fn opt_string(
 
 fn opt_number(
     v: Option<&Value>,
-    path: &str,
+    path: &dyn fmt::Display,
     errors: &mut Vec<FieldError>,
     check: impl Fn(f64) -> Result<(), &'static str>,
 ) -> Option<f64> {
@@ -512,7 +547,11 @@ fn opt_number(
 }
 
 /// `itemsJson` / `subClientDataJson` (compat) may hold the value itself or a JSON string of it.
-fn decode_json_alias(v: &Value, path: &str, errors: &mut Vec<FieldError>) -> Option<Value> {
+fn decode_json_alias(
+    v: &Value,
+    path: &dyn fmt::Display,
+    errors: &mut Vec<FieldError>,
+) -> Option<Value> {
     match v {
         Value::String(s) => match serde_json::from_str::<Value>(s) {
             Ok(inner) => Some(inner),
@@ -528,7 +567,11 @@ fn decode_json_alias(v: &Value, path: &str, errors: &mut Vec<FieldError>) -> Opt
     }
 }
 
-fn parse_sub_client_data(v: &Value, path: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+fn parse_sub_client_data(
+    v: &Value,
+    path: &dyn fmt::Display,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
     match v {
         Value::Null => None,
         Value::Object(_) => Some(v.to_string()),
@@ -543,7 +586,7 @@ fn parse_sub_client_data(v: &Value, path: &str, errors: &mut Vec<FieldError>) ->
 /// known or not, is kept verbatim. Returns the canonical JSON text.
 fn parse_items(
     v: &Value,
-    path: &str,
+    path: &dyn fmt::Display,
     limits: Limits,
     errors: &mut Vec<FieldError>,
 ) -> Option<String> {
@@ -560,17 +603,24 @@ fn parse_items(
     }
     let before = errors.len();
     for (i, item) in items.iter().enumerate() {
-        check_item(item, &format!("{path}[{i}]"), errors);
+        check_item(
+            item,
+            &Index {
+                base: path,
+                index: i,
+            },
+            errors,
+        );
     }
     (errors.len() == before).then(|| v.to_string())
 }
 
-fn check_item(item: &Value, path: &str, errors: &mut Vec<FieldError>) {
+fn check_item(item: &Value, path: &dyn fmt::Display, errors: &mut Vec<FieldError>) {
     let Some(obj) = item.as_object() else {
         errors.push(FieldError::new(path, "must be an object"));
         return;
     };
-    let p = |f: &str| format!("{path}.{f}");
+    let p = |name: &'static str| Field { base: path, name };
     match obj.get("articleCode") {
         Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= MAX_ID_CHARS => {}
         Some(Value::String(_)) => errors.push(FieldError::new(
@@ -581,7 +631,9 @@ fn check_item(item: &Value, path: &str, errors: &mut Vec<FieldError>) {
         None => errors.push(FieldError::new(p("articleCode"), "is required")),
     }
     let mut number =
-        |name: &str, required: bool, ok: &dyn Fn(f64) -> bool, rule: &str| match obj.get(name) {
+        |name: &'static str, required: bool, ok: &dyn Fn(f64) -> bool, rule: &str| match obj
+            .get(name)
+        {
             None | Some(Value::Null) if !required => {}
             None | Some(Value::Null) => errors.push(FieldError::new(p(name), "is required")),
             Some(v) => match v.as_f64().filter(|n| n.is_finite()) {

@@ -201,6 +201,13 @@ impl Syncer {
         for msg in batch {
             match msg {
                 SyncMsg::Group(g) => {
+                    // Counted before the acks, so a scrape right after an
+                    // acknowledged write already includes its events.
+                    metrics::counter!("ordersync_events_appended_total")
+                        .increment(g.events.len() as u64);
+                    metrics::histogram!("ordersync_write_transaction_seconds")
+                        .record(g.started.elapsed().as_secs_f64());
+                    metrics::histogram!("ordersync_write_group_size").record(g.size as f64);
                     // Committed and visible either way: publish so streams stay gapless.
                     self.hub.publish(&g.events);
                     for done in g.completions {
@@ -209,11 +216,6 @@ impl Syncer {
                             Err(e) => Err(clone_err(e)),
                         });
                     }
-                    metrics::histogram!("ordersync_write_transaction_seconds")
-                        .record(g.started.elapsed().as_secs_f64());
-                    metrics::histogram!("ordersync_write_group_size").record(g.size as f64);
-                    metrics::counter!("ordersync_events_appended_total")
-                        .increment(g.events.len() as u64);
                 }
                 SyncMsg::Barrier(reply) => {
                     let _ = reply.send(());

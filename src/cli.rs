@@ -38,6 +38,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Some(Command::User(cmd)) => user(&db, cmd),
         Some(Command::Token(cmd)) => token(&db, cmd),
         Some(Command::Backup { path, force }) => backup(&db, &path, force),
+        Some(Command::Restore { backup }) => restore(&db, &backup),
         Some(Command::Check) => {
             let report = check(&db)?;
             print!("{}", report.text);
@@ -440,6 +441,69 @@ fn same_file(a: &Path, b: &Path) -> bool {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
     }
+}
+
+/// Every stream's seq jumps by this much on restore: far beyond anything a device
+/// could have seen after the backup was taken.
+pub const RESTORE_SEQ_JUMP: i64 = 1_000_000_000;
+
+/// `restore BACKUP`: checks the backup, moves the current database (and its WAL
+/// and shared-memory files: a WAL left next to another database would be replayed
+/// into it) aside, installs a copy of the backup, and moves every user's stream
+/// forward by [`RESTORE_SEQ_JUMP`] with the retention floor at the new head. A
+/// device that saw events written after the backup resumes with a `since` below
+/// that floor and so gets `RESYNC_REQUIRED` (refetch) instead of events that
+/// reuse seqs it has already seen with other meanings.
+pub fn restore(db: &Path, backup: &Path) -> anyhow::Result<()> {
+    let report = check(backup)?;
+    if !report.ok {
+        bail!(
+            "{} failed its check; not restoring:\n{}",
+            backup.display(),
+            report.text
+        );
+    }
+    let sibling = |suffix: &str| {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    let staged = sibling(".restoring");
+    let _ = std::fs::remove_file(&staged);
+    std::fs::copy(backup, &staged)
+        .with_context(|| format!("copying {} to {}", backup.display(), staged.display()))?;
+    {
+        let conn = Connection::open(&staged)?;
+        conn.execute_batch(&format!(
+            "BEGIN;
+             DELETE FROM events;
+             UPDATE streams SET last_seq = last_seq + {RESTORE_SEQ_JUMP},
+                                pruned_through = last_seq + {RESTORE_SEQ_JUMP};
+             COMMIT;"
+        ))?;
+    }
+    if db.exists() {
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+        let aside = sibling(&format!(".replaced-{stamp}"));
+        std::fs::rename(db, &aside)
+            .with_context(|| format!("moving the current database aside to {}", aside.display()))?;
+        for suffix in ["-wal", "-shm"] {
+            let from = sibling(suffix);
+            if from.exists() {
+                let mut to = aside.as_os_str().to_owned();
+                to.push(suffix);
+                std::fs::rename(&from, &to)?;
+            }
+        }
+        eprintln!("the previous database is kept at {}", aside.display());
+    }
+    std::fs::rename(&staged, db).with_context(|| format!("installing {}", db.display()))?;
+    println!(
+        "restored {} from {}; devices will refetch (RESYNC_REQUIRED) when they reconnect",
+        db.display(),
+        backup.display()
+    );
+    Ok(())
 }
 
 /// What `check` found.

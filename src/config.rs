@@ -80,6 +80,12 @@ pub enum Command {
     },
     /// Check integrity, schema version and event-log consistency; exit 1 on a problem
     Check,
+    /// Replace the database (--db) with a backup; stop the server first.
+    /// Every device gets RESYNC_REQUIRED on its next connect.
+    Restore {
+        /// A file written by `ordersync backup`
+        backup: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -61,7 +61,11 @@ async fn wait_sessions(app: &TestApp, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_socket_that_never_reads_is_dropped_and_never_delays_others() {
     let mut args = test_args();
-    args.ws_ping_interval = Duration::from_millis(200);
+    // Long enough that the stuck socket's buffers fill before it misses two pings
+    // (then the bounded write buffer and the send timeout close it), short enough
+    // to keep the test quick. Either way it must be closed.
+    args.ws_ping_interval = Duration::from_millis(1000);
+    args.max_body = 16 * 1024 * 1024;
     let app = spawn_with(args).await;
     let (_, t) = app.user_with_token("alice").await;
     let good = app.connect(&format!("token={t}&deviceId=good")).await;
@@ -71,11 +75,12 @@ async fn a_socket_that_never_reads_is_dropped_and_never_delays_others() {
     let stuck = app.connect(&format!("token={t}&deviceId=stuck")).await;
     wait_sessions(&app, 2).await;
 
-    // Enough event traffic (with big ids) to fill the stuck socket's buffers.
-    let big_id = |i: usize, j: usize| format!("{i:04}-{j:03}-{}", "x".repeat(100));
-    let rounds = 60;
+    // Far more event traffic than the kernel's socket buffers plus the server's
+    // bounded write buffer (1 MiB) hold: about 12 MB of frames for the stuck socket.
+    let big_id = |i: usize, j: usize| format!("{i:04}-{j:03}-{}", "x".repeat(110));
+    let rounds = 100;
     for i in 0..rounds {
-        let orders: Vec<Value> = (0..50).map(|j| order(&big_id(i, j), "w")).collect();
+        let orders: Vec<Value> = (0..500).map(|j| order(&big_id(i, j), "w")).collect();
         let r = app.post_orders(&t, json!(orders)).await;
         assert_eq!(r.status, 200, "{}", r.body);
     }

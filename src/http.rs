@@ -401,7 +401,16 @@ pub(crate) async fn readyz(app: Arc<App>) -> Result<Response, Infallible> {
             return Err(AppError::Unavailable("shutting down".into()));
         }
         // An empty write transaction: proves the writer is alive and can lock the file.
-        app.store.write(|_| Ok(())).await?;
+        // A file opened read-only (e.g. no write permission at startup) can still be
+        // locked, so ask SQLite whether the connection can write at all.
+        app.store
+            .write(|tx| match tx.conn().is_readonly(rusqlite::MAIN_DB) {
+                Ok(false) => Ok(()),
+                _ => Err(AppError::Unavailable(
+                    "the database is read-only; check the file's permissions and restart".into(),
+                )),
+            })
+            .await?;
         ok(&json!({"success": true, "status": "ready"}))
     }
     .await;

@@ -380,3 +380,52 @@ fn startup_on_a_foreign_sqlite_database_fails_clearly_without_touching_it() {
     }
     assert_refused(&newer, "newer than this ordersync");
 }
+
+#[tokio::test]
+async fn a_database_read_only_at_startup_serves_reads_and_refuses_writes_with_503() {
+    // Prepare a database with data, stop the server cleanly (WAL checkpointed).
+    let app = spawn_app().await;
+    let (_, t) = app.user_with_token("alice").await;
+    assert_eq!(
+        app.post_orders(&t, json!([order("a", "dev")])).await.status,
+        200
+    );
+    let dir = app.stop().await;
+    let db = dir.path().join("test.db");
+    let before = sha(&db);
+    // The file (not its directory) is immutable: SQLite opens it read-only and
+    // every write fails with SQLITE_READONLY.
+    let Some(guard) = Immutable::set(std::slice::from_ref(&db)) else {
+        eprintln!("SKIPPED: chattr +i is not supported on this filesystem");
+        return;
+    };
+    match ordersync::build(&db, test_args()) {
+        Err(e) => {
+            // Refusing to start is fine too, if it says why.
+            let msg = format!("{e:#}");
+            assert!(msg.contains("read") || msg.contains("open"), "{msg}");
+        }
+        Ok(built) => {
+            drop(built);
+            let app = spawn_at(dir.clone(), test_args()).await;
+            let list = app.get("/api/pending-orders", &t).await;
+            assert_eq!(list.status, 200, "reads work: {}", list.body);
+            assert_eq!(list.body["orders"].as_array().unwrap().len(), 1);
+            let r = app.post_orders(&t, json!([order("b", "dev")])).await;
+            assert_503(&r);
+            assert!(
+                r.body["error"].as_str().unwrap().contains("read-only"),
+                "{}",
+                r.body
+            );
+            assert_eq!(app.get("/readyz", &t).await.status, 503);
+            app.stop().await;
+        }
+    }
+    drop(guard);
+    assert_eq!(sha(&db), before, "the read-only file was not modified");
+    // Writable again: a restart serves writes.
+    let app = spawn_at(dir, test_args()).await;
+    let r = app.post_orders(&t, json!([order("b", "dev")])).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}

@@ -381,17 +381,65 @@ fn startup_on_a_foreign_sqlite_database_fails_clearly_without_touching_it() {
     assert_refused(&newer, "newer than this ordersync");
 }
 
+/// Starts the real binary on `db`; returns the child and its address.
+fn serve_child(db: &Path) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ordersync"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--db")
+        .arg(db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(a) = line.strip_prefix("ordersync listening on http://") {
+                let _ = tx.send(a.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("server started");
+    (child, addr)
+}
+
+fn sigterm(mut child: std::process::Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success(), "graceful stop");
+}
+
 #[tokio::test]
 async fn a_database_read_only_at_startup_serves_reads_and_refuses_writes_with_503() {
-    // Prepare a database with data, stop the server cleanly (WAL checkpointed).
-    let app = spawn_app().await;
-    let (_, t) = app.user_with_token("alice").await;
-    assert_eq!(
-        app.post_orders(&t, json!([order("a", "dev")])).await.status,
-        200
+    // A separate process: SQLite may hand a new connection a file descriptor that
+    // an earlier connection of the same process opened read-write, so only a fresh
+    // process really opens the file read-only.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ro.db");
+    let (ok, _, err) = cli(
+        &db,
+        &["user", "add", "alice", "--password-stdin"],
+        "pw-12345678\n",
     );
-    let dir = app.stop().await;
-    let db = dir.path().join("test.db");
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&db, &["token", "create", "alice"], "");
+    assert!(ok);
+    let t = out.lines().last().unwrap().trim().to_string();
+    let client = reqwest::Client::new();
+    let (child, addr) = serve_child(&db);
+    let r = client
+        .post(format!("http://{addr}/api/pending-orders"))
+        .bearer_auth(&t)
+        .json(&json!({"orders": [order("a", "dev")]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    sigterm(child);
     let before = sha(&db);
     // The file (not its directory) is immutable: SQLite opens it read-only and
     // every write fails with SQLITE_READONLY.
@@ -399,33 +447,51 @@ async fn a_database_read_only_at_startup_serves_reads_and_refuses_writes_with_50
         eprintln!("SKIPPED: chattr +i is not supported on this filesystem");
         return;
     };
-    match ordersync::build(&db, test_args()) {
-        Err(e) => {
-            // Refusing to start is fine too, if it says why.
-            let msg = format!("{e:#}");
-            assert!(msg.contains("read") || msg.contains("open"), "{msg}");
-        }
-        Ok(built) => {
-            drop(built);
-            let app = spawn_at(dir.clone(), test_args()).await;
-            let list = app.get("/api/pending-orders", &t).await;
-            assert_eq!(list.status, 200, "reads work: {}", list.body);
-            assert_eq!(list.body["orders"].as_array().unwrap().len(), 1);
-            let r = app.post_orders(&t, json!([order("b", "dev")])).await;
-            assert_503(&r);
-            assert!(
-                r.body["error"].as_str().unwrap().contains("read-only"),
-                "{}",
-                r.body
-            );
-            assert_eq!(app.get("/readyz", &t).await.status, 503);
-            app.stop().await;
-        }
-    }
+    let (child, addr) = serve_child(&db);
+    let get = |path: &str| {
+        client
+            .get(format!("http://{addr}{path}"))
+            .bearer_auth(&t)
+            .send()
+    };
+    let list: Value = get("/api/pending-orders")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["orders"].as_array().unwrap().len(), 1, "reads work");
+    let r = client
+        .post(format!("http://{addr}/api/pending-orders"))
+        .bearer_auth(&t)
+        .json(&json!({"orders": [order("b", "dev")]}))
+        .send()
+        .await
+        .unwrap();
+    let r = Resp {
+        status: r.status(),
+        headers: r.headers().clone(),
+        body: r.json().await.unwrap(),
+    };
+    assert_503(&r);
+    assert!(
+        r.body["error"].as_str().unwrap().contains("read-only"),
+        "{}",
+        r.body
+    );
+    assert_eq!(get("/readyz").await.unwrap().status(), 503);
+    sigterm(child);
     drop(guard);
     assert_eq!(sha(&db), before, "the read-only file was not modified");
     // Writable again: a restart serves writes.
-    let app = spawn_at(dir, test_args()).await;
-    let r = app.post_orders(&t, json!([order("b", "dev")])).await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    let (child, addr) = serve_child(&db);
+    let r = client
+        .post(format!("http://{addr}/api/pending-orders"))
+        .bearer_auth(&t)
+        .json(&json!({"orders": [order("b", "dev")]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    sigterm(child);
 }

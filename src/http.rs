@@ -776,6 +776,7 @@ async fn lock_order(
             "id": res.id,
             "isLocked": res.is_locked,
             "version": res.version,
+            "updatedAt": res.updated_at,
             "seq": res.seq,
         }))
     }

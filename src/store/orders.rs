@@ -311,6 +311,7 @@ pub struct LockResult {
     pub id: String,
     pub is_locked: bool,
     pub version: i64,
+    pub updated_at: i64,
     pub seq: i64,
 }
 
@@ -331,6 +332,7 @@ pub fn set_locked(
             id: id.to_string(),
             is_locked: locked,
             version: existing.version,
+            updated_at: existing.updated_at,
             seq: head_seq(tx.conn(), user_id)?,
         });
     }
@@ -347,6 +349,7 @@ pub fn set_locked(
         id: id.to_string(),
         is_locked: locked,
         version: existing.version + 1,
+        updated_at: now,
         seq,
     })
 }

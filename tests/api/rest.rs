@@ -247,9 +247,16 @@ async fn lock_toggles_bumps_version_and_validates() {
     app.post_orders(&t, json!([order("a", "d")])).await;
     let r = app.lock("a", &t, true).await;
     assert_eq!(r.status, 200);
+    let updated_at = r.body["updatedAt"]
+        .as_i64()
+        .expect("lock reply has updatedAt");
     assert_eq!(
         r.body,
-        json!({"success": true, "id": "a", "isLocked": true, "version": 2, "seq": 2})
+        json!({"success": true, "id": "a", "isLocked": true, "version": 2, "updatedAt": updated_at, "seq": 2})
+    );
+    assert_eq!(
+        app.get("/api/pending-orders/a", &t).await.body["order"]["updatedAt"],
+        updated_at
     );
     // Same state again: no change, no event.
     let r = app.lock("a", &t, true).await;

@@ -193,12 +193,11 @@ pub fn table(reports: &[ScenarioReport]) -> String {
                 rounds,
             ]);
         }
-        if let Some(e) = &r.error {
-            let first = e.lines().next().unwrap_or("");
+        if r.error.is_some() {
             rows.push([
                 r.name.into(),
-                "ERROR".into(),
-                first.chars().take(100).collect(),
+                "error (see notes)".into(),
+                "-".into(),
                 String::new(),
                 "FAIL".into(),
                 String::new(),
@@ -239,7 +238,15 @@ pub fn table(reports: &[ScenarioReport]) -> String {
     }
     let notes: Vec<String> = reports
         .iter()
-        .flat_map(|r| r.notes.iter().map(move |n| format!("  {}: {n}", r.name)))
+        .flat_map(|r| {
+            let error = r
+                .error
+                .as_ref()
+                .map(|e| format!("  {}: ERROR: {}", r.name, e.lines().next().unwrap_or("")));
+            error
+                .into_iter()
+                .chain(r.notes.iter().map(move |n| format!("  {}: {n}", r.name)))
+        })
         .collect();
     if !notes.is_empty() {
         out.push_str("notes:\n");

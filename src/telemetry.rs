@@ -34,7 +34,10 @@ use crate::App;
 #[must_use = "dropping the guard stops (and flushes) the log writer"]
 pub fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+        // warp logs every malformed request from a client as an ERROR
+        // ("server connection error"), which lets any bad client flood the log;
+        // our own request lines already cover the traffic. RUST_LOG overrides.
+        .or_else(|_| EnvFilter::try_new(format!("{level},warp::server=off")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         // Under a flood, block rather than drop lines: the log is part of the contract.

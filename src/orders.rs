@@ -138,7 +138,7 @@ pub struct Order {
 /// Fields a client may send in an order. `version`, `isLocked`, `createdAt` and
 /// `updatedAt` are server-managed: accepted (a client may send back what it read)
 /// and ignored.
-const ORDER_FIELDS: &[&str] = &[
+pub const ORDER_FIELDS: &[&str] = &[
     "id",
     "customerId",
     "customerName",

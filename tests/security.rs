@@ -16,21 +16,6 @@ use serde_json::{json, Value};
 
 const QUIET: Duration = Duration::from_millis(300);
 
-fn b64(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn no_endpoint_and_no_socket_serves_another_users_data() {
     let app = spawn_app().await;
@@ -145,23 +130,29 @@ async fn bad_jwts_are_refused_on_every_endpoint_and_the_socket() {
             parts.next().unwrap().to_string(),
         )
     };
-    let claims = |c: Value| b64(c.to_string().as_bytes());
+    let claims = |c: Value| helpers::base64_url(c.to_string().as_bytes());
     let mut bad: Vec<(&str, String)> = vec![
         (
             "alg none, no signature",
             format!(
                 "{}.{}.",
-                b64(br#"{"alg":"none","typ":"JWT"}"#),
+                helpers::base64_url(br#"{"alg":"none","typ":"JWT"}"#),
                 claims(json!({"userId": alice, "exp": now + 3600}))
             ),
         ),
         (
             "alg None with the real signature",
-            format!("{}.{payload}.{sig}", b64(br#"{"alg":"None","typ":"JWT"}"#)),
+            format!(
+                "{}.{payload}.{sig}",
+                helpers::base64_url(br#"{"alg":"None","typ":"JWT"}"#)
+            ),
         ),
         (
             "RS256 header (algorithm confusion)",
-            format!("{}.{payload}.{sig}", b64(br#"{"alg":"RS256","typ":"JWT"}"#)),
+            format!(
+                "{}.{payload}.{sig}",
+                helpers::base64_url(br#"{"alg":"RS256","typ":"JWT"}"#)
+            ),
         ),
         ("signature stripped", format!("{head}.{payload}.")),
         (

@@ -53,7 +53,8 @@ CREATE TABLE pending_orders (
     updated_at            INTEGER NOT NULL,     -- epoch ms
     PRIMARY KEY (user_id, id)
 ) WITHOUT ROWID;
-CREATE INDEX pending_orders_updated ON pending_orders(user_id, updated_at DESC);
+-- No index on updated_at: a user's list is a primary-key range sorted in memory
+-- (hundreds of rows), while the index would cost a B-tree update on every write.
 
 -- The event log: every change appends here in the same transaction.
 CREATE TABLE events (
@@ -65,7 +66,8 @@ CREATE TABLE events (
     created_at INTEGER NOT NULL,                -- epoch ms
     PRIMARY KEY (user_id, seq)
 ) WITHOUT ROWID;
-CREATE INDEX events_created ON events(created_at);
+-- No index on created_at: pruning scans the log every few minutes, which is far
+-- cheaper than one more B-tree insert per event.
 
 -- One row per user with events: last_seq has no holes below it;
 -- events with seq <= pruned_through were removed by retention.

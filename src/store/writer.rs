@@ -175,10 +175,10 @@ impl Syncer {
             let mut batch = vec![first];
             batch.extend(self.rx.try_iter());
             self.settle(batch);
-            if let Ok(more) = self.rx.try_recv() {
-                self.settle(vec![more]);
-                continue;
-            }
+            // Always report idle after settling: if another group is already
+            // queued, the next recv takes it, and an early wake-up only makes the
+            // writer commit its open group sooner. Skipping the report left the
+            // writer waiting for a wake-up that never came.
             self.busy.store(false, Ordering::SeqCst);
             if let Some(w) = self.writer.upgrade() {
                 // A full queue means the writer is busy anyway.

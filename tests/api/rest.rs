@@ -504,3 +504,38 @@ async fn demo_page_and_client_are_served_with_types_and_etags() {
         assert_eq!(r.status(), 304, "{path}");
     }
 }
+
+/// Groups that fill up to `--max-group` are committed while the syncer is still
+/// busy; the writer must still be woken for the next group (this once hung).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_complete_when_groups_fill_to_max_group() {
+    let args = ordersync::config::ServeArgs {
+        max_group: 2,
+        ..test_args()
+    };
+    let app = std::sync::Arc::new(spawn_with(args).await);
+    let (_, t) = app.user_with_token("alice").await;
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let (app, t) = (app.clone(), t.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..20 {
+                let r = app
+                    .post_orders(&t, json!([order(&format!("w{w}-{i}"), "d")]))
+                    .await;
+                assert_eq!(r.status, 200, "{}", r.body);
+            }
+        }));
+    }
+    // A hang guard only: on a healthy server this takes well under a second.
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        for task in tasks {
+            task.await.unwrap();
+        }
+    })
+    .await
+    .expect("a write never completed: the writer was not woken");
+    let list = app.get("/api/pending-orders", &t).await;
+    assert_eq!(list.body["orders"].as_array().unwrap().len(), 16 * 20);
+    assert_eq!(list.body["seq"], 16 * 20);
+}

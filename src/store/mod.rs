@@ -265,7 +265,7 @@ pub fn open_writer_connection(path: &Path, opts: &StoreOptions) -> anyhow::Resul
     if existed {
         inspect_existing(&conn, path)?;
     }
-    set_pragmas(&conn, opts.sync)?;
+    set_pragmas(&conn)?;
     migrate(&conn, path)?;
     Ok(conn)
 }
@@ -300,7 +300,7 @@ fn inspect_existing(conn: &Connection, path: &Path) -> anyhow::Result<()> {
 }
 
 /// Every pragma in one place, each with its reason.
-fn set_pragmas(conn: &Connection, sync: SyncMode) -> anyhow::Result<()> {
+fn set_pragmas(conn: &Connection) -> anyhow::Result<()> {
     // WAL: readers never block the writer and see snapshots.
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
@@ -310,7 +310,6 @@ fn set_pragmas(conn: &Connection, sync: SyncMode) -> anyhow::Result<()> {
     // never corrupts the file. With --sync full the writer's syncer thread also
     // fdatasyncs the WAL after every commit before acknowledging it (see
     // writer.rs), which makes every acknowledged write survive power loss.
-    let _ = sync;
     conn.execute_batch(
         "PRAGMA synchronous = NORMAL;
          PRAGMA foreign_keys = ON;

@@ -142,10 +142,8 @@ impl Authenticator {
         let user_id = claim_id(claims.get("userId"))
             .or_else(|| claim_id(claims.get("sub")))
             .ok_or_else(|| unauthorized("token has no userId or sub claim"))?;
-        let lookup = user_id.clone();
-        let user = store
-            .read(move |c| accounts::user_by_id(c, &lookup))
-            .await?;
+        // A primary-key lookup: inline, like the token lookup above.
+        let user = store.read_now(|c| accounts::user_by_id(c, &user_id))?;
         if user.as_ref().is_some_and(|u| u.disabled) {
             return Err(unauthorized("account disabled"));
         }

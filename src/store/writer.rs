@@ -283,30 +283,35 @@ impl Writer {
                 }
             };
             group.run(first);
+            // Jobs already waiting join the group. While the syncer is busy the
+            // group stays open and takes every job that arrives (it could not be
+            // synced earlier anyway); the moment the syncer is free, it commits,
+            // and jobs still queued start the next group.
+            let mut held = false;
             loop {
-                while group.size < self.max_group && close_reply.is_none() {
-                    match self.rx.try_recv() {
-                        Ok(Msg::Job(job)) => group.run(job),
-                        Ok(Msg::Close(reply)) => close_reply = Some(reply),
-                        Ok(Msg::SyncerIdle) => {}
-                        Err(_) => break,
-                    }
-                }
-                let syncer_busy = self.busy.as_ref().is_some_and(|b| b.load(Ordering::SeqCst));
-                if !syncer_busy
-                    || close_reply.is_some()
-                    || group.size >= self.max_group
-                    || group.lost.is_some()
-                {
+                if close_reply.is_some() || group.size >= self.max_group || group.lost.is_some() {
                     break;
                 }
-                // The syncer is still busy: this group could not be synced yet
-                // anyway, so wait for more jobs (or for the syncer) to join it.
-                match self.rx.blocking_recv() {
-                    Some(Msg::Job(job)) => group.run(job),
-                    Some(Msg::Close(reply)) => close_reply = Some(reply),
-                    Some(Msg::SyncerIdle) => {}
-                    None => break,
+                let syncer_busy = self.busy.as_ref().is_some_and(|b| b.load(Ordering::SeqCst));
+                if syncer_busy {
+                    held = true;
+                } else if held {
+                    break;
+                }
+                let msg = match self.rx.try_recv() {
+                    Ok(msg) => msg,
+                    Err(mpsc::error::TryRecvError::Empty) if syncer_busy => {
+                        match self.rx.blocking_recv() {
+                            Some(msg) => msg,
+                            None => break,
+                        }
+                    }
+                    Err(_) => break,
+                };
+                match msg {
+                    Msg::Job(job) => group.run(job),
+                    Msg::Close(reply) => close_reply = Some(reply),
+                    Msg::SyncerIdle => {}
                 }
             }
             if let Some(committed) = group.finish() {

@@ -743,3 +743,103 @@ async fn restore_installs_a_backup_and_makes_every_device_resync() {
     assert_eq!(ws.next_json().await["seq"], after + 1);
     app.stop().await;
 }
+
+// ---------------------------------------------------------------- migration
+
+/// A database in the version-1 layout (tests/fixtures/schema-v1.sql: orders and
+/// events as WITHOUT ROWID tables), filled with what a server wrote, is backed up
+/// and migrated on start, and serves the same orders and the same event log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_database_is_backed_up_and_migrated_keeping_orders_and_events() {
+    // Real data, written through the API of a current server.
+    let source = spawn_app().await;
+    let (user, t) = source.user_with_token("alice").await;
+    let orders: Vec<Value> = (0..30).map(|i| order(&format!("o-{i}"), "d1")).collect();
+    assert_eq!(source.post_orders(&t, json!(orders)).await.status, 200);
+    assert_eq!(
+        source
+            .post_orders(&t, json!([helpers::order_with_qty("o-1", "d1", 9)]))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        source.delete("/api/pending-orders/o-2", &t).await.status,
+        200
+    );
+    let listed = source.get("/api/pending-orders", &t).await.body;
+    let events = source.events_of(&user).await;
+    assert_eq!(events.len(), 3);
+    let source_dir = source.stop().await;
+
+    // The same rows in the version-1 layout.
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let db = dir.path().join("test.db");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch(include_str!("fixtures/schema-v1.sql"))
+            .unwrap();
+        c.execute(
+            "ATTACH ?1 AS src",
+            [source_dir.path().join("test.db").to_str().unwrap()],
+        )
+        .unwrap();
+        for table in ["users", "tokens", "pending_orders", "events", "streams"] {
+            c.execute_batch(&format!(
+                "INSERT INTO main.{table} SELECT * FROM src.{table}"
+            ))
+            .unwrap();
+        }
+        c.execute_batch("DETACH src; PRAGMA user_version = 1;")
+            .unwrap();
+        let layout: String = c
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'events'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(layout.contains("WITHOUT ROWID"), "fixture is the v1 layout");
+    }
+
+    let app = helpers::spawn_at(dir.clone(), test_args()).await;
+    assert_eq!(app.get("/api/pending-orders", &t).await.body, listed);
+    assert_eq!(app.events_of(&user).await, events);
+    // The log replays and goes on without a gap.
+    let (mut ws, _) = app.connect_ok(&format!("token={t}&since=0")).await;
+    for seq in 1..=3 {
+        assert_eq!(ws.next_json().await["seq"], seq);
+    }
+    app.post_orders(&t, json!([order("new", "d1")])).await;
+    assert_eq!(ws.next_json().await["seq"], 4);
+    drop(ws);
+    app.stop().await;
+
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let version: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+    for table in ["pending_orders", "events"] {
+        let sql: String = c
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = ?1",
+                [table],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            !sql.contains("WITHOUT ROWID"),
+            "{table} is a rowid table: {sql}"
+        );
+    }
+    drop(c);
+    let backup = dir.path().join("test.pre-v2.bak");
+    let b = rusqlite::Connection::open(&backup).expect("the pre-migration copy exists");
+    let version: i64 = b
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 1);
+    let (ok, out, err) = run_cli(&["check", "--db", path_str(&db)]);
+    assert!(ok, "check passes after migration: {out}{err}");
+}

@@ -32,7 +32,7 @@ pub use writer::WriteTx;
 /// The schema, applied when `user_version` is 0.
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 /// Current schema version (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Options of [`Store::open`].
 #[derive(Debug, Clone)]
@@ -340,9 +340,53 @@ fn migrate(conn: &Connection, path: &Path) -> anyhow::Result<()> {
             "BEGIN IMMEDIATE; {SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
         ))
         .context("creating the schema")?;
+        return Ok(());
     }
-    // Future migrations: `if version < 2 { ... PRAGMA user_version = 2 }` in one transaction each.
+    if version < 2 {
+        migrate_to_v2(conn).context("migrating to schema version 2")?;
+    }
     Ok(())
+}
+
+/// Version 2: `pending_orders` and `events` become rowid tables (same columns,
+/// same primary keys), see schema.sql. Copies both tables in one transaction.
+fn migrate_to_v2(conn: &Connection) -> anyhow::Result<()> {
+    let count = |t: &str| -> rusqlite::Result<i64> {
+        conn.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| r.get(0))
+    };
+    tracing::info!(
+        orders = count("pending_orders")?,
+        events = count("events")?,
+        "migrating to schema version 2: copying orders and events (one transaction)"
+    );
+    let mut sql = String::from("BEGIN IMMEDIATE;");
+    for table in ["pending_orders", "events"] {
+        let ddl = table_ddl(table)?;
+        sql.push_str(&format!(
+            "ALTER TABLE {table} RENAME TO {table}_v1; {ddl};
+             INSERT INTO {table} SELECT * FROM {table}_v1; DROP TABLE {table}_v1;"
+        ));
+    }
+    sql.push_str("PRAGMA user_version = 2; COMMIT;");
+    if let Err(e) = conn.execute_batch(&sql) {
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        return Err(e.into());
+    }
+    tracing::info!("migrated to schema version 2");
+    Ok(())
+}
+
+/// The `CREATE TABLE <name> (…)` statement of schema.sql (without its `;`).
+fn table_ddl(name: &str) -> anyhow::Result<&'static str> {
+    let start = SCHEMA
+        .find(&format!("CREATE TABLE {name} ("))
+        .with_context(|| format!("schema.sql has no table {name}"))?;
+    let len = SCHEMA[start..]
+        .find("\n);")
+        .with_context(|| format!("schema.sql: table {name} does not end with `\\n);`"))?;
+    Ok(&SCHEMA[start..start + len + 2])
 }
 
 /// Runs `f` inside a read transaction so all its queries see one snapshot.

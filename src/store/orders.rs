@@ -143,23 +143,25 @@ const UPDATE_ORDER: &str = "UPDATE pending_orders SET customer_id = ?3, customer
       sub_client_data = ?17, delivery_address_id = ?18, idempotency_key = ?19,
       version = version + 1, updated_at = ?20
     WHERE user_id = ?1 AND id = ?2";
+/// Inserts unless the id exists (then changes nothing and reports 0 rows).
 const INSERT_ORDER: &str = "INSERT INTO pending_orders (user_id, id, customer_id, customer_name,
       device_id, status, items, discount_percent, target_total_with_vat, shipping_cost,
       shipping_tax, no_shipping, notes, origin_draft_id, sub_client_codice, sub_client_name,
       sub_client_data, delivery_address_id, idempotency_key, is_locked, version, created_at,
       updated_at)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19,
-      0, 1, ?20, ?20)";
+      0, 1, ?20, ?20)
+    ON CONFLICT (user_id, id) DO NOTHING";
 
+/// Runs INSERT_ORDER or UPDATE_ORDER; returns the number of rows written.
 fn store_order(
-    conn: &Connection,
-    sql: &str,
+    stmt: &mut rusqlite::CachedStatement<'_>,
     user_id: &str,
     id: &str,
     c: &OrderContent,
     now: i64,
-) -> Result<(), AppError> {
-    conn.prepare_cached(sql)?.execute(params![
+) -> Result<usize, AppError> {
+    Ok(stmt.execute(params![
         user_id,
         id,
         c.customer_id,
@@ -180,8 +182,7 @@ fn store_order(
         c.delivery_address_id,
         c.idempotency_key,
         now,
-    ])?;
-    Ok(())
+    ])?)
 }
 
 /// One item of the batch reply.
@@ -197,6 +198,19 @@ pub struct UpsertResult {
     pub current: Option<Value>,
 }
 
+impl UpsertResult {
+    /// A result without `current` (created, updated, unchanged).
+    fn written(id: &str, action: &'static str, version: i64, server_updated_at: i64) -> Self {
+        UpsertResult {
+            id: id.to_string(),
+            action,
+            version,
+            server_updated_at,
+            current: None,
+        }
+    }
+}
+
 /// Applies a batch; appends at most one PENDING_CREATED and one PENDING_UPDATED.
 /// Returns the per-order results and the last seq appended (or the current one).
 pub fn upsert(
@@ -208,54 +222,56 @@ pub fn upsert(
     let mut results = Vec::with_capacity(batch.orders.len());
     let mut created = Vec::new();
     let mut updated = Vec::new();
-    for input in &batch.orders {
-        let existing = existing(tx.conn(), user_id, &input.id)?;
-        let c = &input.content;
-        let conflict = match (&existing, input.base_version) {
-            (_, None) => false,
-            (None, Some(base)) => base != 0,
-            (Some((_, version, _)), Some(base)) => *version != base,
-        };
-        if conflict {
-            let current = get(tx.conn(), user_id, &input.id)?;
-            results.push(UpsertResult {
-                id: input.id.clone(),
-                action: "conflict",
-                version: current.as_ref().map_or(0, |o| o.version),
-                server_updated_at: current.as_ref().map_or(0, |o| o.updated_at),
-                current: Some(current.map(|o| json!(o)).unwrap_or(Value::Null)),
-            });
-            continue;
-        }
-        match existing {
-            Some((stored, version, updated_at)) if stored == *c => results.push(UpsertResult {
-                id: input.id.clone(),
-                action: "unchanged",
-                version,
-                server_updated_at: updated_at,
-                current: None,
-            }),
-            Some((_, version, _)) => {
-                store_order(tx.conn(), UPDATE_ORDER, user_id, &input.id, c, now)?;
-                updated.push(input.id.clone());
-                results.push(UpsertResult {
-                    id: input.id.clone(),
-                    action: "updated",
-                    version: version + 1,
-                    server_updated_at: now,
-                    current: None,
-                });
+    {
+        let conn = tx.conn();
+        // Prepared once per batch (a cache lookup hashes the whole SQL text).
+        let mut insert = conn.prepare_cached(INSERT_ORDER)?;
+        let mut update = conn.prepare_cached(UPDATE_ORDER)?;
+        for input in &batch.orders {
+            let c = &input.content;
+            let id = &input.id;
+            // A new order, the common case, takes one statement: the insert
+            // writes nothing when the id exists, and then the order is compared.
+            if matches!(input.base_version, None | Some(0))
+                && store_order(&mut insert, user_id, id, c, now)? == 1
+            {
+                created.push(id.clone());
+                results.push(UpsertResult::written(id, "created", 1, now));
+                continue;
             }
-            None => {
-                store_order(tx.conn(), INSERT_ORDER, user_id, &input.id, c, now)?;
-                created.push(input.id.clone());
+            let existing = existing(conn, user_id, id)?;
+            let conflict = match (&existing, input.base_version) {
+                (_, None) => false,
+                (None, Some(base)) => base != 0,
+                (Some((_, version, _)), Some(base)) => *version != base,
+            };
+            if conflict {
+                let current = get(conn, user_id, id)?;
                 results.push(UpsertResult {
-                    id: input.id.clone(),
-                    action: "created",
-                    version: 1,
-                    server_updated_at: now,
-                    current: None,
+                    id: id.clone(),
+                    action: "conflict",
+                    version: current.as_ref().map_or(0, |o| o.version),
+                    server_updated_at: current.as_ref().map_or(0, |o| o.updated_at),
+                    current: Some(current.map(|o| json!(o)).unwrap_or(Value::Null)),
                 });
+                continue;
+            }
+            match existing {
+                Some((stored, version, updated_at)) if stored == *c => {
+                    results.push(UpsertResult::written(id, "unchanged", version, updated_at))
+                }
+                Some((_, version, _)) => {
+                    store_order(&mut update, user_id, id, c, now)?;
+                    updated.push(id.clone());
+                    results.push(UpsertResult::written(id, "updated", version + 1, now));
+                }
+                // Only reachable without a baseVersion or with 0, where the
+                // insert above already ran and found the id taken.
+                None => {
+                    return Err(AppError::Internal(format!(
+                        "order `{id}` neither inserted nor found"
+                    )))
+                }
             }
         }
     }

@@ -657,7 +657,18 @@ async fn upsert_orders(
             .store
             .write(move |tx| order_sql::upsert(tx, &user, &batch))
             .await?;
-        ok(&json!({"success": true, "results": results, "seq": seq}))
+        // Serialized straight to bytes (json! would build a Value tree first).
+        #[derive(Serialize)]
+        struct Reply<'a> {
+            success: bool,
+            results: &'a [order_sql::UpsertResult],
+            seq: i64,
+        }
+        ok(&Reply {
+            success: true,
+            results: &results,
+            seq,
+        })
     }
     .await;
     ctx.finish(r)

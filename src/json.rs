@@ -6,6 +6,7 @@
 use std::fmt;
 
 use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+use serde_json::map::Entry;
 use serde_json::{Map, Number, Value};
 
 /// Parses `bytes` as one JSON value; the error message says what and where.
@@ -71,10 +72,15 @@ impl<'de> Visitor<'de> for StrictVisitor {
         let mut out = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             let Strict(v) = map.next_value()?;
-            if out.contains_key(&key) {
-                return Err(A::Error::custom(format!("duplicate key `{key}`")));
+            // One lookup for both the check and the insert.
+            match out.entry(key) {
+                Entry::Vacant(slot) => {
+                    slot.insert(v);
+                }
+                Entry::Occupied(slot) => {
+                    return Err(A::Error::custom(format!("duplicate key `{}`", slot.key())));
+                }
             }
-            out.insert(key, v);
         }
         Ok(Value::Object(out))
     }

@@ -373,8 +373,8 @@ pub fn parse_order(
     };
     let delivery_address_id = match field("deliveryAddressId") {
         None => None,
-        Some(v @ Value::String(s)) if s.chars().count() <= MAX_ID_CHARS => Some(v.to_string()),
-        Some(v @ Value::Number(_)) => Some(v.to_string()),
+        Some(v @ Value::String(s)) if s.chars().count() <= MAX_ID_CHARS => Some(json_text(v)),
+        Some(v @ Value::Number(_)) => Some(json_text(v)),
         Some(_) => {
             errors.push(FieldError::new(
                 p("deliveryAddressId"),
@@ -567,6 +567,13 @@ fn decode_json_alias(
     }
 }
 
+/// Compact JSON text of a value. `serde_json::to_string` writes to a byte
+/// buffer directly; `Value`'s `Display` goes through `fmt::Write` and took ~45%
+/// of batch parsing in a profile.
+fn json_text(v: &Value) -> String {
+    serde_json::to_string(v).expect("a serde_json::Value always serializes")
+}
+
 fn parse_sub_client_data(
     v: &Value,
     path: &dyn fmt::Display,
@@ -574,7 +581,7 @@ fn parse_sub_client_data(
 ) -> Option<String> {
     match v {
         Value::Null => None,
-        Value::Object(_) => Some(v.to_string()),
+        Value::Object(_) => Some(json_text(v)),
         _ => {
             errors.push(FieldError::new(path, "must be an object"));
             None
@@ -612,7 +619,7 @@ fn parse_items(
             errors,
         );
     }
-    (errors.len() == before).then(|| v.to_string())
+    (errors.len() == before).then(|| json_text(v))
 }
 
 fn check_item(item: &Value, path: &dyn fmt::Display, errors: &mut Vec<FieldError>) {

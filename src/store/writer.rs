@@ -19,6 +19,7 @@
 //! Checkpoints (copying the WAL into the database file, with their fsyncs) run
 //! on a third thread with its own connection, so they never stall the writer.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::AppError;
@@ -51,8 +52,15 @@ pub enum Msg {
 pub struct WriteTx<'a> {
     conn: &'a Connection,
     events: &'a mut Vec<Event>,
+    seqs: &'a mut SeqCache,
     now: i64,
 }
+
+/// The writer's copy of `streams.last_seq` per user, so appending an event needs
+/// no read of it. Only the writer changes `last_seq` while the server runs. The
+/// copy is dropped whenever a job or a group is rolled back, and refilled from
+/// the table on next use.
+type SeqCache = HashMap<String, i64>;
 
 impl WriteTx<'_> {
     pub fn conn(&self) -> &Connection {
@@ -72,14 +80,22 @@ impl WriteTx<'_> {
         payload: &serde_json::Value,
         device_id: Option<&str>,
     ) -> Result<i64, AppError> {
-        let seq: i64 = self
-            .conn
+        let last = match self.seqs.get(user_id) {
+            Some(&last) => last,
+            None => self
+                .conn
+                .prepare_cached("SELECT last_seq FROM streams WHERE user_id = ?1")?
+                .query_row([user_id], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0),
+        };
+        let seq = last + 1;
+        self.conn
             .prepare_cached(
-                "INSERT INTO streams (user_id, last_seq) VALUES (?1, 1)
-                 ON CONFLICT (user_id) DO UPDATE SET last_seq = last_seq + 1
-                 RETURNING last_seq",
+                "INSERT INTO streams (user_id, last_seq) VALUES (?1, ?2)
+                 ON CONFLICT (user_id) DO UPDATE SET last_seq = excluded.last_seq",
             )?
-            .query_row([user_id], |r| r.get(0))?;
+            .execute(rusqlite::params![user_id, seq])?;
         let payload = payload.to_string();
         self.conn
             .prepare_cached(
@@ -97,6 +113,12 @@ impl WriteTx<'_> {
             device_id: device_id.map(str::to_string),
             created_at: self.now,
         });
+        match self.seqs.get_mut(user_id) {
+            Some(last) => *last = seq,
+            None => {
+                self.seqs.insert(user_id.to_string(), seq);
+            }
+        }
         Ok(seq)
     }
 }
@@ -149,6 +171,7 @@ pub fn spawn(
         sync: sync_tx,
         busy: pipelined.then_some(busy),
         max_group,
+        seqs: SeqCache::new(),
         _stop_checkpoints: stop_checkpoints,
     };
     std::thread::Builder::new()
@@ -251,6 +274,7 @@ struct Writer {
     /// With `--sync full`: whether the syncer is busy (then keep the group open).
     busy: Option<Arc<AtomicBool>>,
     max_group: usize,
+    seqs: SeqCache,
     /// Dropped when the writer stops, which stops the checkpointer.
     _stop_checkpoints: std_mpsc::Sender<()>,
 }
@@ -273,7 +297,7 @@ impl Writer {
                 Some(Msg::SyncerIdle) => continue,
                 None => break,
             };
-            let mut group = match Group::begin(&self.conn) {
+            let mut group = match Group::begin(&self.conn, &mut self.seqs) {
                 Ok(g) => g,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot begin a write transaction");
@@ -342,6 +366,7 @@ impl Writer {
 /// One open write transaction and the jobs run in it so far.
 struct Group<'c> {
     conn: &'c Connection,
+    seqs: &'c mut SeqCache,
     events: Vec<Event>,
     completions: Vec<Completion>,
     started: Instant,
@@ -351,10 +376,11 @@ struct Group<'c> {
 }
 
 impl<'c> Group<'c> {
-    fn begin(conn: &'c Connection) -> Result<Self, AppError> {
+    fn begin(conn: &'c Connection, seqs: &'c mut SeqCache) -> Result<Self, AppError> {
         exec_cached(conn, "BEGIN IMMEDIATE")?;
         Ok(Group {
             conn,
+            seqs,
             events: Vec::new(),
             completions: Vec::new(),
             started: Instant::now(),
@@ -380,6 +406,7 @@ impl<'c> Group<'c> {
         let mut wtx = WriteTx {
             conn: self.conn,
             events: &mut self.events,
+            seqs: self.seqs,
             now: now_ms(),
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| job(Some(&mut wtx))));
@@ -402,6 +429,8 @@ impl<'c> Group<'c> {
             exec_cached(self.conn, "RELEASE job")
         } else {
             self.events.truncate(mark);
+            // The job may have appended events before failing.
+            self.seqs.clear();
             exec_cached(self.conn, "ROLLBACK TO job")
                 .and_then(|()| exec_cached(self.conn, "RELEASE job"))
         };
@@ -419,6 +448,7 @@ impl<'c> Group<'c> {
             }
         }
         if let Some(err) = self.lost {
+            self.seqs.clear();
             if !self.conn.is_autocommit() {
                 let _ = self.conn.execute_batch("ROLLBACK");
             }
@@ -447,5 +477,42 @@ fn clone_err(e: &AppError) -> AppError {
     match e {
         AppError::Unavailable(m) => AppError::Unavailable(m.clone()),
         other => AppError::Unavailable(format!("the write could not be saved ({other}); retry")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::error::AppError;
+    use crate::store::{events, Store, StoreOptions};
+
+    /// Appends one event for `user` in its own write; `fail` makes the job fail
+    /// after appending, so its savepoint is rolled back.
+    async fn append(store: &Store, user: &'static str, fail: bool) -> Result<i64, AppError> {
+        store
+            .write(move |tx| {
+                let seq = tx.append_event(user, "PENDING_UPDATED", &json!({}), None)?;
+                if fail {
+                    return Err(AppError::Internal("fails after appending".into()));
+                }
+                Ok(seq)
+            })
+            .await
+    }
+
+    #[tokio::test]
+    async fn seqs_stay_gapless_when_a_job_fails_after_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("t.db");
+        let store = Store::open(&db, &StoreOptions::default()).unwrap();
+        assert_eq!(append(&store, "u1", false).await.unwrap(), 1);
+        assert!(append(&store, "u1", true).await.is_err());
+        // The failed job's seq 2 was rolled back with it, so 2 is next, not 3.
+        assert_eq!(append(&store, "u1", false).await.unwrap(), 2);
+        assert_eq!(append(&store, "u2", false).await.unwrap(), 1);
+        let head = store.read(|c| events::head_seq(c, "u1")).await.unwrap();
+        assert_eq!(head, 2);
+        store.close().await;
     }
 }

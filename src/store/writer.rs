@@ -253,7 +253,7 @@ impl Syncer {
 
 /// How often the checkpointer runs, and the WAL size (in frames) above which it
 /// asks the writer for a top-up.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 const TOP_UP_FRAMES: i64 = 1000;
 
 /// PASSIVE checkpoints from a separate connection: they copy the WAL into the

@@ -17,7 +17,9 @@
 //! `synchronous=FULL`.
 //!
 //! Checkpoints (copying the WAL into the database file, with their fsyncs) run
-//! on a third thread with its own connection, so they never stall the writer.
+//! on a third thread with its own connection, so they do not stall the writer;
+//! the writer only tops them up between two groups so the WAL can start over
+//! (see `run_checkpointer`).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -383,9 +385,7 @@ impl Writer {
             let _ = reply.send(());
         }
     }
-}
 
-impl Writer {
     /// Checkpoints between two groups. The checkpointer has just copied almost
     /// all of the WAL, so this copies only what was committed since, and as no
     /// commit can happen meanwhile it completes, which lets the next commit start

@@ -443,7 +443,7 @@ async fn closed_loop_upserts(
                 let orders: Vec<OrderIn> = ids.iter().map(|id| order(id, &device, 1)).collect();
                 batch_body(&orders)
             };
-            let mut conn = ctx.connect().await;
+            let mut conn = None;
             // Warm-up: open the connection, touch the user's stream. Not measured.
             for _ in 0..3 {
                 let body = one(&mut n);
@@ -492,22 +492,21 @@ async fn closed_loop_upserts(
     Ok((outs, start.elapsed()))
 }
 
-/// POSTs on the client's connection; after a failure the next call reconnects.
+/// POSTs on the client's connection, opening it first if there is none; after
+/// a failure the connection is dropped and the next call opens a new one.
 async fn post_on(
     ctx: &Ctx,
-    conn: &mut Result<Conn>,
+    conn: &mut Option<Conn>,
     auth: &str,
     body: Vec<u8>,
 ) -> Result<UpsertReply> {
-    if conn.is_err() {
-        *conn = ctx.connect().await;
-    }
-    let r = match conn {
-        Ok(c) => c.post_orders(auth, body).await,
-        Err(e) => Err(anyhow!("{e:#}")),
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(ctx.connect().await?),
     };
+    let r = c.post_orders(auth, body).await;
     if r.is_err() {
-        *conn = Err(anyhow!("reconnect after an error"));
+        *conn = None;
     }
     r
 }

@@ -12,6 +12,7 @@
 pub mod accounts;
 pub mod events;
 pub mod orders;
+mod walbuf;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -253,12 +254,15 @@ fn shutting_down() -> AppError {
 /// changing anything, then sets the pragmas and migrates.
 pub fn open_writer_connection(path: &Path, opts: &StoreOptions) -> anyhow::Result<Connection> {
     let existed = path.exists();
-    let conn = Connection::open_with_flags(
+    // The writer's own VFS gathers each commit's WAL frames into one write (see walbuf).
+    let vfs = walbuf::register().map_err(|e| anyhow::anyhow!(e))?;
+    let conn = Connection::open_with_flags_and_vfs(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
             | OpenFlags::SQLITE_OPEN_URI,
+        vfs,
     )
     .with_context(|| format!("cannot open database {}", path.display()))?;
     conn.busy_timeout(opts.busy_timeout)?;

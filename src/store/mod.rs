@@ -254,6 +254,7 @@ fn shutting_down() -> AppError {
 /// changing anything, then sets the pragmas and migrates.
 pub fn open_writer_connection(path: &Path, opts: &StoreOptions) -> anyhow::Result<Connection> {
     let existed = path.exists();
+    configure_sqlite();
     // The writer's own VFS gathers each commit's WAL frames into one write (see walbuf).
     let vfs = walbuf::register().map_err(|e| anyhow::anyhow!(e))?;
     let conn = Connection::open_with_flags_and_vfs(
@@ -272,6 +273,22 @@ pub fn open_writer_connection(path: &Path, opts: &StoreOptions) -> anyhow::Resul
     set_pragmas(&conn)?;
     migrate(&conn, path)?;
     Ok(conn)
+}
+
+/// Process-wide SQLite settings, which only take effect before SQLite's first
+/// use in the process (later calls are refused and change nothing).
+///
+/// Memory statistics off: nothing here reads them, and keeping them puts a
+/// global mutex around every allocation SQLite makes; SQLite's own list of
+/// recommended options includes this. Measured: ~3% more upsert-single requests/s.
+fn configure_sqlite() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| unsafe {
+        let _ = rusqlite::ffi::sqlite3_config(
+            rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS,
+            0 as std::ffi::c_int,
+        );
+    });
 }
 
 /// Read-only look at a file before anything writes to it.
@@ -314,10 +331,15 @@ fn set_pragmas(conn: &Connection) -> anyhow::Result<()> {
     // never corrupts the file. With --sync full the writer's syncer thread also
     // fdatasyncs the WAL after every commit before acknowledging it (see
     // writer.rs), which makes every acknowledged write survive power loss.
+    // temp_store stays SQLite's default (a file only when needed): a request's
+    // SAVEPOINT journal then lives in one 64 KiB buffer, and only a larger one
+    // (a big batch) spills to a temporary file. With MEMORY it was built of
+    // 1 KiB pieces, a dozen allocations per request; dropping it measured ~3%
+    // more upsert-single requests/s. Temporary files go to $SQLITE_TMPDIR, else
+    // $TMPDIR, /var/tmp, /usr/tmp or /tmp.
     conn.execute_batch(
         "PRAGMA synchronous = NORMAL;
-         PRAGMA foreign_keys = ON;
-         PRAGMA temp_store = MEMORY;",
+         PRAGMA foreign_keys = ON;",
     )?;
     // Make sure the WAL file exists now (the syncer opens it).
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {

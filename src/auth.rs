@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::phc::PasswordHash;
@@ -78,9 +78,27 @@ pub fn check_new_password(password: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Seconds of clock skew allowed on a JWT's `exp`.
+const JWT_LEEWAY_SECS: u64 = 5;
+/// Verified JWTs remembered at most; the memory is cleared when full.
+const JWT_CACHE_MAX: usize = 4096;
+
 /// Checks bearer tokens against the database and, if configured, a JWT secret.
 pub struct Authenticator {
     jwt: Option<(DecodingKey, Validation)>,
+    /// Verified JWTs by their full text, so a client that sends the same token
+    /// on every request pays for the signature check and claim parsing once.
+    /// Only tokens that passed verification get in; `exp` is checked on every
+    /// use. The account itself (exists, not disabled) is still read every time.
+    verified: Mutex<HashMap<String, Arc<JwtClaims>>>,
+}
+
+/// What a request needs of a verified JWT.
+struct JwtClaims {
+    user_id: String,
+    username: Option<String>,
+    /// `exp`, seconds since the epoch.
+    exp: u64,
 }
 
 impl Authenticator {
@@ -90,10 +108,13 @@ impl Authenticator {
             v.algorithms = vec![Algorithm::HS256];
             v.required_spec_claims = ["exp".to_string()].into();
             v.validate_exp = true;
-            v.leeway = 5;
+            v.leeway = JWT_LEEWAY_SECS;
             (DecodingKey::from_secret(secret.as_bytes()), v)
         });
-        Authenticator { jwt }
+        Authenticator {
+            jwt,
+            verified: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Resolves a bearer token to a principal, or 401.
@@ -128,6 +149,31 @@ impl Authenticator {
                 device_id: record.device_id,
             });
         }
+        let claims = self.verify_jwt(token)?;
+        // A primary-key lookup: inline, like the token lookup above.
+        let account = store.read_now(|c| accounts::user_status(c, &claims.user_id))?;
+        if account.as_ref().is_some_and(|(_, disabled)| *disabled) {
+            return Err(unauthorized("account disabled"));
+        }
+        let username = account
+            .map(|(name, _)| name)
+            .or_else(|| claims.username.clone())
+            .unwrap_or_else(|| claims.user_id.clone());
+        Ok(Principal {
+            user_id: claims.user_id.clone(),
+            username,
+            token_hash: None,
+            device_id: None,
+        })
+    }
+
+    /// Checks a JWT's signature and claims, or finds it among those already checked.
+    fn verify_jwt(&self, token: &str) -> Result<Arc<JwtClaims>, AppError> {
+        let now = u64::try_from(now_ms() / 1000).unwrap_or(0);
+        let known = lock(&self.verified).get(token).cloned();
+        if let Some(claims) = known.filter(|c| c.exp + JWT_LEEWAY_SECS >= now) {
+            return Ok(claims);
+        }
         let Some((key, validation)) = &self.jwt else {
             return Err(unauthorized("invalid token"));
         };
@@ -142,27 +188,26 @@ impl Authenticator {
         let user_id = claim_id(claims.get("userId"))
             .or_else(|| claim_id(claims.get("sub")))
             .ok_or_else(|| unauthorized("token has no userId or sub claim"))?;
-        // A primary-key lookup: inline, like the token lookup above.
-        let user = store.read_now(|c| accounts::user_by_id(c, &user_id))?;
-        if user.as_ref().is_some_and(|u| u.disabled) {
-            return Err(unauthorized("account disabled"));
-        }
-        let username = user
-            .map(|u| u.username)
-            .or_else(|| {
-                claims
-                    .get("username")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| user_id.clone());
-        Ok(Principal {
+        let verified = Arc::new(JwtClaims {
             user_id,
-            username,
-            token_hash: None,
-            device_id: None,
-        })
+            username: claims
+                .get("username")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            // Required and checked by the validation above.
+            exp: claims.get("exp").and_then(Value::as_f64).unwrap_or(0.0) as u64,
+        });
+        let mut cache = lock(&self.verified);
+        if cache.len() >= JWT_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(token.to_string(), verified.clone());
+        Ok(verified)
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A user id claim: a non-empty string, or an integer (as its decimal text).
@@ -261,6 +306,40 @@ impl LoginLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Remembers `token` as verified, expiring at `exp` (seconds).
+    fn remember(auth: &Authenticator, token: &str, exp: u64) {
+        let claims = JwtClaims {
+            user_id: "u1".into(),
+            username: None,
+            exp,
+        };
+        lock(&auth.verified).insert(token.into(), Arc::new(claims));
+    }
+
+    #[test]
+    fn a_remembered_jwt_is_used_only_until_it_expires() {
+        let auth = Authenticator::new(Some("a-secret-of-thirty-two-bytes-or-more"));
+        let now = (now_ms() / 1000) as u64;
+        // Not a valid JWT: only the memory of it can make it pass.
+        remember(&auth, "remembered", now + 60);
+        assert_eq!(auth.verify_jwt("remembered").unwrap().user_id, "u1");
+        // Past its exp (and the leeway), it is verified afresh, which fails.
+        remember(&auth, "remembered", now - JWT_LEEWAY_SECS - 1);
+        assert!(auth.verify_jwt("remembered").is_err());
+        // The memory is bounded: a full one starts over.
+        for i in 0..JWT_CACHE_MAX {
+            remember(&auth, &format!("t{i}"), now + 60);
+        }
+        let real = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &serde_json::json!({"userId": "u2", "exp": now + 60}),
+            &jsonwebtoken::EncodingKey::from_secret(b"a-secret-of-thirty-two-bytes-or-more"),
+        )
+        .unwrap();
+        assert_eq!(auth.verify_jwt(&real).unwrap().user_id, "u2");
+        assert_eq!(lock(&auth.verified).len(), 1);
+    }
 
     #[test]
     fn tokens_are_256_bit_hex_and_unique() {

@@ -56,6 +56,17 @@ pub fn find_user(conn: &Connection, username: &str) -> Result<Option<User>, AppE
         .optional()?)
 }
 
+/// `(username, disabled)` of a user, the per-request check of a JWT's account.
+pub fn user_status(conn: &Connection, id: &str) -> Result<Option<(String, bool)>, AppError> {
+    let Ok(n) = id.parse::<i64>() else {
+        return Ok(None);
+    };
+    Ok(conn
+        .prepare_cached("SELECT username, disabled FROM users WHERE id = ?1")?
+        .query_row([n], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?)
+}
+
 pub fn user_by_id(conn: &Connection, id: &str) -> Result<Option<User>, AppError> {
     let Ok(n) = id.parse::<i64>() else {
         return Ok(None);

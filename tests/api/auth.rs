@@ -235,13 +235,20 @@ async fn cli_manages_users_and_tokens_against_a_running_server() {
     // Disabling refuses logins and existing tokens.
     let (_, out, _) = cli(&db, &["token", "create", "carol"], "");
     let token = out.lines().last().unwrap().trim().to_string();
+    // A JWT naming carol's account, used once so the server has verified it.
+    let carol_id = app.get("/api/auth/me", &token).await.body["user"]["id"].clone();
+    let carol_jwt = jwt(json!({"userId": carol_id, "exp": in_an_hour()}), JWT_SECRET);
+    assert_eq!(app.get("/api/auth/me", &carol_jwt).await.status, 200);
     let (ok, _, _) = cli(&db, &["user", "disable", "carol"], "");
     assert!(ok);
     assert_eq!(login(&app, "carol", "carol-pass-2").await.status, 401);
     assert_eq!(app.get("/api/auth/me", &token).await.status, 401);
+    // The account is checked on every request, also for an already verified JWT.
+    assert_eq!(app.get("/api/auth/me", &carol_jwt).await.status, 401);
     let (ok, _, _) = cli(&db, &["user", "enable", "carol"], "");
     assert!(ok);
     assert_eq!(app.get("/api/auth/me", &token).await.status, 200);
+    assert_eq!(app.get("/api/auth/me", &carol_jwt).await.status, 200);
     let (ok, out, _) = cli(&db, &["token", "revoke", "--all", "carol"], "");
     assert!(ok && out.contains("revoked 2"), "{out}");
 }

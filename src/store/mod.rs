@@ -254,7 +254,6 @@ fn shutting_down() -> AppError {
 /// changing anything, then sets the pragmas and migrates.
 pub fn open_writer_connection(path: &Path, opts: &StoreOptions) -> anyhow::Result<Connection> {
     let existed = path.exists();
-    configure_sqlite();
     // The writer's own VFS gathers each commit's WAL frames into one write (see walbuf).
     let vfs = walbuf::register().map_err(|e| anyhow::anyhow!(e))?;
     let conn = Connection::open_with_flags_and_vfs(
@@ -273,22 +272,6 @@ pub fn open_writer_connection(path: &Path, opts: &StoreOptions) -> anyhow::Resul
     set_pragmas(&conn)?;
     migrate(&conn, path)?;
     Ok(conn)
-}
-
-/// Process-wide SQLite settings, which only take effect before SQLite's first
-/// use in the process (later calls are refused and change nothing).
-///
-/// Memory statistics off: nothing here reads them, and keeping them puts a
-/// global mutex around every allocation SQLite makes; SQLite's own list of
-/// recommended options includes this. Measured: ~3% more upsert-single requests/s.
-fn configure_sqlite() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| unsafe {
-        let _ = rusqlite::ffi::sqlite3_config(
-            rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS,
-            0 as std::ffi::c_int,
-        );
-    });
 }
 
 /// Read-only look at a file before anything writes to it.
@@ -424,4 +407,24 @@ pub fn snapshot<T>(
     let r = f(conn);
     let _ = conn.execute_batch("COMMIT");
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CStr;
+
+    fn built_with(option: &CStr) -> bool {
+        unsafe { rusqlite::ffi::sqlite3_compileoption_used(option.as_ptr()) == 1 }
+    }
+
+    /// The flags in .cargo/config.toml reached the bundled SQLite build.
+    #[test]
+    fn sqlite_is_built_with_the_options_in_cargo_config() {
+        assert!(
+            !built_with(c"ENABLE_MEMORY_MANAGEMENT"),
+            "SQLite was built with ENABLE_MEMORY_MANAGEMENT: build from the repository \
+             so .cargo/config.toml applies"
+        );
+        assert!(built_with(c"DEFAULT_MEMSTATUS=0"));
+    }
 }

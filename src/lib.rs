@@ -7,8 +7,9 @@
 //!
 //! * [`config`] — the command line (clap) and `ORDERSYNC_*` variables; every limit is a flag.
 //! * [`orders`] — the domain: `OrderInput` parsed from untrusted JSON, `Order` as returned.
-//! * [`store`] — SQLite: the single writer thread with group commit, the read-only
-//!   pool, the schema and its migrations, SQL for orders, events and accounts.
+//! * [`store`] — SQLite: the single writer thread with group commit (and the VFS
+//!   that writes its commits' WAL frames in one go), the read-only pool, the schema
+//!   and its migrations, SQL for orders, events and accounts.
 //! * [`hub`] — events and the per-user broadcast channels the writer publishes to.
 //! * [`auth`] — passwords, built-in tokens, JWTs, the login rate limiter.
 //! * [`http`] — warp filters and handlers of the REST API, the error envelope.

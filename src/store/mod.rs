@@ -8,6 +8,8 @@
 //!   (with `--sync full`) and every published event is committed.
 //! * Reads run on a pool of read-only connections (`query_only`), in WAL mode, so
 //!   they never block the writer and see a consistent snapshot inside a transaction.
+//! * The writer's connection opens through a thin VFS (`walbuf`) that writes each
+//!   commit's WAL frames with one `pwrite` instead of two per frame.
 
 pub mod accounts;
 pub mod events;

@@ -87,13 +87,19 @@ enum Kind {
     },
     Wal {
         main: *mut File,
-        buf: Vec<u8>,
-        /// File offset of `buf[0]`.
-        start: i64,
-        /// The last write was a commit frame's header: its page ends the commit.
-        commit_next: bool,
+        gathered: Gathered,
     },
     Other,
+}
+
+/// Frames of the WAL waiting to be written.
+#[derive(Default)]
+struct Gathered {
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    start: i64,
+    /// The last write was a commit frame's header: its page ends the commit.
+    commit_next: bool,
 }
 
 /// Our file handle; the real VFS's handle follows it in the same allocation.
@@ -143,9 +149,7 @@ unsafe extern "C" fn x_open(
     } else if flags & ffi::SQLITE_OPEN_WAL != 0 && !name.is_null() {
         Kind::Wal {
             main: ptr::null_mut(),
-            buf: Vec::new(),
-            start: 0,
-            commit_next: false,
+            gathered: Gathered::default(),
         }
     } else {
         Kind::Other
@@ -175,29 +179,30 @@ unsafe extern "C" fn x_open(
     ffi::SQLITE_OK
 }
 
+/// The WAL frames gathered on `f`, if it is a WAL file.
+unsafe fn gathered<'a>(f: *mut File) -> Option<&'a mut Gathered> {
+    match &mut (*f).kind {
+        Kind::Wal { gathered, .. } => Some(gathered),
+        _ => None,
+    }
+}
+
 /// Writes what is gathered (a no-op for other files or an empty buffer).
 unsafe fn flush(f: *mut File) -> c_int {
-    let real = (*f).real;
-    let Kind::Wal {
-        buf,
-        start,
-        commit_next,
-        ..
-    } = &mut (*f).kind
-    else {
+    let Some(g) = gathered(f) else {
         return ffi::SQLITE_OK;
     };
-    *commit_next = false;
-    if buf.is_empty() {
+    g.commit_next = false;
+    if g.buf.is_empty() {
         return ffi::SQLITE_OK;
     }
     let rc = (real_methods(f).xWrite.expect("files can be written"))(
-        real,
-        buf.as_ptr() as *const c_void,
-        buf.len() as c_int,
-        *start,
+        (*f).real,
+        g.buf.as_ptr() as *const c_void,
+        g.buf.len() as c_int,
+        g.start,
     );
-    buf.clear();
+    g.buf.clear();
     rc
 }
 
@@ -212,9 +217,9 @@ unsafe extern "C" fn x_write(
         if !main.is_null() && !data.is_null() && amt > 0 {
             let bytes = std::slice::from_raw_parts(data as *const u8, amt as usize);
             match gather(f, bytes, off) {
-                Gathered::Kept => return ffi::SQLITE_OK,
-                Gathered::EndsCommit => return flush(f),
-                Gathered::Not => {
+                Appended::Kept => return ffi::SQLITE_OK,
+                Appended::EndsCommit => return flush(f),
+                Appended::Not => {
                     let rc = flush(f);
                     if rc != ffi::SQLITE_OK {
                         return rc;
@@ -229,7 +234,7 @@ unsafe extern "C" fn x_write(
     (real_methods(f).xWrite.expect("files can be written"))((*f).real, data, amt, off)
 }
 
-enum Gathered {
+enum Appended {
     /// Appended; more of the transaction follows.
     Kept,
     /// Appended, and it was the commit frame's page: write everything now.
@@ -246,41 +251,36 @@ fn frame_header(bytes: &[u8], off: i64) -> Option<bool> {
 }
 
 /// Appends `bytes` when they continue what is gathered.
-unsafe fn gather(f: *mut File, bytes: &[u8], off: i64) -> Gathered {
-    let Kind::Wal {
-        buf,
-        start,
-        commit_next,
-        ..
-    } = &mut (*f).kind
-    else {
-        return Gathered::Not;
+unsafe fn gather(f: *mut File, bytes: &[u8], off: i64) -> Appended {
+    let Some(g) = gathered(f) else {
+        return Appended::Not;
     };
-    let appends =
-        !buf.is_empty() && off == *start + buf.len() as i64 && buf.len() + bytes.len() <= CAP;
+    let appends = !g.buf.is_empty()
+        && off == g.start + g.buf.len() as i64
+        && g.buf.len() + bytes.len() <= CAP;
     if !appends {
-        return Gathered::Not;
+        return Appended::Not;
     }
-    buf.extend_from_slice(bytes);
-    if *commit_next {
-        return Gathered::EndsCommit;
+    g.buf.extend_from_slice(bytes);
+    if g.commit_next {
+        return Appended::EndsCommit;
     }
-    *commit_next = frame_header(bytes, off) == Some(true);
-    Gathered::Kept
+    g.commit_next = frame_header(bytes, off) == Some(true);
+    Appended::Kept
 }
 
 /// Starts gathering at a frame header that does not end a transaction; anything
 /// else (the WAL header, a page rewritten in place, a rewritten or lone commit
 /// header) goes straight to the file.
 unsafe fn start_gathering(f: *mut File, bytes: &[u8], off: i64) -> bool {
-    let Kind::Wal { buf, start, .. } = &mut (*f).kind else {
+    let Some(g) = gathered(f) else {
         return false;
     };
     if frame_header(bytes, off) != Some(false) {
         return false;
     }
-    *start = off;
-    buf.extend_from_slice(bytes);
+    g.start = off;
+    g.buf.extend_from_slice(bytes);
     true
 }
 

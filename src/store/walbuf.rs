@@ -488,6 +488,92 @@ mod tests {
         }
     }
 
+    /// Set in the child process of the test below: the directory to work in.
+    const EFBIG_CHILD: &str = "ORDERSYNC_WALBUF_EFBIG_CHILD";
+
+    /// In a child process whose files may not grow past 1 MiB (RLIMIT_FSIZE,
+    /// SIGXFSZ ignored, so a write past it fails with EFBIG), commits until the
+    /// WAL write fails. The failing COMMIT must report the error, and neither
+    /// another connection nor crash recovery may see any of that transaction.
+    #[test]
+    fn a_failed_wal_write_fails_the_commit_and_nothing_of_it_is_seen() {
+        if let Some(dir) = std::env::var_os(EFBIG_CHILD) {
+            return efbig_child(Path::new(&dir));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let name =
+            "store::walbuf::tests::a_failed_wal_write_fails_the_commit_and_nothing_of_it_is_seen";
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(EFBIG_CHILD, dir.path())
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "child failed:\n{log}");
+        assert!(
+            log.contains("1 passed"),
+            "the child did not run the test:\n{log}"
+        );
+        let committed: i64 = std::fs::read_to_string(dir.path().join("committed"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(committed > 0);
+        // The child closed its connections, which checkpointed the WAL.
+        let conn = Connection::open(dir.path().join("w.db")).unwrap();
+        let ok: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
+        assert_eq!(count(&conn), committed);
+    }
+
+    fn efbig_child(dir: &Path) {
+        let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim), 0);
+            lim.rlim_cur = 1 << 20;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
+        }
+        let db = dir.join("w.db");
+        let w = writer(&db);
+        let reader = Connection::open(&db).unwrap();
+        let mut committed = 0;
+        for i in 0..10_000 {
+            w.execute_batch("BEGIN IMMEDIATE").unwrap();
+            insert(&w, 20, i);
+            match w.execute_batch("COMMIT") {
+                Ok(()) => committed += 20,
+                Err(e) => {
+                    let code = e.sqlite_error_code();
+                    assert!(
+                        matches!(
+                            code,
+                            Some(rusqlite::ErrorCode::SystemIoFailure)
+                                | Some(rusqlite::ErrorCode::DiskFull)
+                        ),
+                        "{e:?}"
+                    );
+                    break;
+                }
+            }
+            assert!(i < 9_999, "the WAL never hit the 1 MiB limit");
+        }
+        if !w.is_autocommit() {
+            w.execute_batch("ROLLBACK").unwrap();
+        }
+        assert_eq!(count(&reader), committed);
+        assert_eq!(count(&w), committed);
+        // Files may grow again (the soft limit goes back to the hard one), so a
+        // copy of the files as they are now can be recovered.
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) }, 0);
+        assert_eq!(count(&recovered_copy(&db, dir)), committed);
+        std::fs::write(dir.join("committed"), committed.to_string()).unwrap();
+    }
+
     #[test]
     fn rolled_back_work_leaves_committed_data_intact() {
         let dir = tempfile::tempdir().unwrap();

@@ -167,10 +167,14 @@ impl Authenticator {
         })
     }
 
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<JwtClaims>>> {
+        self.verified.lock().expect("jwt cache lock poisoned")
+    }
+
     /// Checks a JWT's signature and claims, or finds it among those already checked.
     fn verify_jwt(&self, token: &str) -> Result<Arc<JwtClaims>, AppError> {
         let now = u64::try_from(now_ms() / 1000).unwrap_or(0);
-        let known = lock(&self.verified).get(token).cloned();
+        let known = self.cache().get(token).cloned();
         if let Some(claims) = known.filter(|c| c.exp + JWT_LEEWAY_SECS >= now) {
             return Ok(claims);
         }
@@ -197,17 +201,13 @@ impl Authenticator {
             // Required and checked by the validation above.
             exp: claims.get("exp").and_then(Value::as_f64).unwrap_or(0.0) as u64,
         });
-        let mut cache = lock(&self.verified);
+        let mut cache = self.cache();
         if cache.len() >= JWT_CACHE_MAX {
             cache.clear();
         }
         cache.insert(token.to_string(), verified.clone());
         Ok(verified)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A user id claim: a non-empty string, or an integer (as its decimal text).
@@ -314,7 +314,7 @@ mod tests {
             username: None,
             exp,
         };
-        lock(&auth.verified).insert(token.into(), Arc::new(claims));
+        auth.cache().insert(token.into(), Arc::new(claims));
     }
 
     #[test]
@@ -338,7 +338,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(auth.verify_jwt(&real).unwrap().user_id, "u2");
-        assert_eq!(lock(&auth.verified).len(), 1);
+        assert_eq!(auth.cache().len(), 1);
     }
 
     #[test]

@@ -570,7 +570,7 @@ fn decode_json_alias(
 /// Compact JSON text of a value. `serde_json::to_string` writes to a byte
 /// buffer directly; `Value`'s `Display` goes through `fmt::Write` and took ~45%
 /// of batch parsing in a profile.
-fn json_text(v: &Value) -> String {
+pub(crate) fn json_text(v: &Value) -> String {
     serde_json::to_string(v).expect("a serde_json::Value always serializes")
 }
 

@@ -98,7 +98,7 @@ impl WriteTx<'_> {
                  ON CONFLICT (user_id) DO UPDATE SET last_seq = excluded.last_seq",
             )?
             .execute(rusqlite::params![user_id, seq])?;
-        let payload = payload.to_string();
+        let payload = crate::orders::json_text(payload);
         self.conn
             .prepare_cached(
                 "INSERT INTO events (user_id, seq, type, payload, device_id, created_at)
